@@ -172,6 +172,8 @@ def load_module(build, path, rename=None, device=None, dtype=None):
     mapped = {}  # module key -> file key
     for fkey in entries:
         mkey = rename(fkey) if rename else fkey
+        if mkey is not None and mkey in mapped:
+            raise CheckpointError(f"{path}: tensors {mapped[mkey]} and {fkey} both map to {mkey}")
         if mkey is not None:
             mapped[mkey] = fkey
     missing = sorted(k for k in expected if k not in mapped)
