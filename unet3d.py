@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from attention import attend
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
@@ -51,7 +52,7 @@ class UNet3DConfig:
     # transformer_in alone has 8 heads of this width (inner 512).
     attention_head_dim: int = 64
     num_attention_heads: int = None      # when set, it replaces attention_head_dim above
-    sample_size: int = 32                # latent size of the default resolution (256 px)
+    sample_size: int = None              # unused; 32 (256 px) in the 1.7B file, null in a fresh diffusers config
     time_cond_proj_dim: int = None
 
     @property
@@ -96,6 +97,14 @@ def timestep_embedding(t, dim):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     arg = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+
+def run_maybe_checkpointed(fn, ckpt, *args):
+    """fn(*args); with `ckpt` (and grad on) under activation checkpointing: the activations inside fn are
+    recomputed in the backward instead of kept (the LVD guidance pass, `lvd-method.md` §10.15)."""
+    if ckpt and torch.is_grad_enabled():
+        return _checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 # -----------------------------------------------------------------------------
@@ -296,26 +305,26 @@ class UNetBlock3D(nn.Module):
         elif sampler == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(c)])
 
-    def _layer(self, i, x, temb, context, f, store):
-        x = self.temp_convs[i](self.resnets[i](x, temb), f)
+    def _layer(self, i, x, temb, context, f, store, ckpt=False):
+        x = run_maybe_checkpointed(lambda x: self.temp_convs[i](self.resnets[i](x, temb), f), ckpt, x)
         if hasattr(self, "attentions") and i < len(self.attentions):
-            x = self.attentions[i](x, context, store)
+            x = run_maybe_checkpointed(self.attentions[i], ckpt, x, context, store)
             if store is not None and store.done():
                 return x
-            x = self.temp_attentions[i](x, f, store)
+            x = run_maybe_checkpointed(self.temp_attentions[i], ckpt, x, f, store)
         return x
 
-    def forward(self, x, temb, context, f, skips, store=None):
+    def forward(self, x, temb, context, f, skips, store=None, checkpoint=False):
         """Returns x; down blocks append to `skips`, up blocks pop from it."""
         if self.kind == "mid":
-            x = self._layer(0, x, temb, context, f, store)
+            x = self._layer(0, x, temb, context, f, store, checkpoint)
             if store is not None and store.done():
                 return x
-            return self.temp_convs[1](self.resnets[1](x, temb), f)
+            return run_maybe_checkpointed(lambda x: self.temp_convs[1](self.resnets[1](x, temb), f), checkpoint, x)
         for i in range(len(self.resnets)):
             if self.kind == "up":
                 x = torch.cat([x, skips.pop()], dim=1)  # current features first, skip second
-            x = self._layer(i, x, temb, context, f, store)
+            x = self._layer(i, x, temb, context, f, store, checkpoint)
             if store is not None and store.done():
                 return x
             if self.kind == "down":
@@ -361,25 +370,27 @@ class UNet3D(nn.Module):
             if isinstance(m, Attention):
                 m.path = name  # e.g. "up_blocks.2.attentions.2.transformer_blocks.0.attn2"
 
-    def forward(self, sample, timestep, encoder_hidden_states, store=None):
+    def forward(self, sample, timestep, encoder_hidden_states, store=None, checkpoint=False):
         """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (b, l, d_ctx) -> (b, 4, f, h, w).
 
         With an AttentionStore, the wanted cross-attention probabilities are captured; with
-        store.truncate the forward stops after the last of them and returns None.
+        store.truncate the forward stops after the last of them and returns None. `checkpoint` runs each
+        resnet+temporal conv and each transformer under activation checkpointing (same values and gradients).
         """
         b, _, f, h, w = sample.shape
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
         temb = temb.repeat_interleave(f, dim=0)  # b d -> (b f) d
         context = encoder_hidden_states.repeat_interleave(f, dim=0)  # b l d -> (b f) l d
-        x = self.transformer_in(self.conv_in(frames_to_batch(sample)), f)  # b c f h w -> (b f) c h w
+        x = self.conv_in(frames_to_batch(sample))  # b c f h w -> (b f) c h w
+        x = run_maybe_checkpointed(self.transformer_in, checkpoint, x, f)
         skips = [x]
         for block in self.down_blocks:
-            x = block(x, temb, context, f, skips, store)
+            x = block(x, temb, context, f, skips, store, checkpoint)
             if store is not None and store.done():
                 return None
         for block in [self.mid_block, *self.up_blocks]:
-            x = block(x, temb, context, f, skips, store)
+            x = block(x, temb, context, f, skips, store, checkpoint)
             if store is not None and store.done():
                 return None
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
