@@ -1,0 +1,358 @@
+"""LVD: plan a dynamic scene layout with an LLM, then sample a video guided by it. The CLI and the pipeline.
+
+What to read: `lvd-method.md` §1 (the two stages), §3.1 (the prompt the text encoder sees), §4.1 (where
+guidance sits in the loop), §5 (sampling defaults); `modelscope-architecture.md` §10 (pipeline flow).
+
+Official implementation: generation/lvd.py and models/controllable_pipeline_text_to_video_synth.py in
+TonyLianLong/LLM-groundedVideoDiffusion @22d90d2; `TextToVideoSDPipeline.__call__` in diffusers.
+
+Differences:
+- Initial noise is drawn on the CPU in float32 from `torch.Generator().manual_seed(seed)`, then moved
+  to the device and dtype. The same seed therefore gives the same starting latents on every device and
+  dtype; the videos then differ only by the device's arithmetic (bit-identical only on the same device,
+  dtype and torch build). The official code draws fp16 noise on CUDA, which no CPU can reproduce.
+- The sampler is a function (`sampler.py`); LVD's guidance is its `before_step` hook (`attention.py`).
+- Outputs are written to a temporary folder that is renamed into place at the end, so a crash leaves
+  no half-written run. The negative prompt and the frame count have working defaults per model.
+
+Usage: python lvd.py --prompt "A bear walks from the left to the right"   (see --help)
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import planner
+import sampler
+from text_encoder import CLIPTextEncoder, CLIPTokenizer
+from unet3d import UNet3D
+from vae import VAEDecoder
+from weights.checkpoint import CheckpointError
+from weights.download import DownloadError, default_dest, download_command
+
+NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"  # §5, every method
+MODELS = {  # per-model presets (§5): output size and frame count
+    "modelscope": dict(height=256, width=256, frames=16),
+    "zeroscope": dict(height=320, width=576, frames=24),
+}
+
+
+class LVDError(Exception):
+    """A problem the user can fix (missing weights, out of memory, bad layout); the CLI prints it."""
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+@dataclasses.dataclass
+class Pipeline:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextEncoder
+    unet: UNet3D
+    vae: VAEDecoder
+    schedule: "sampler.NoiseSchedule"
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_pipeline(model_dir, device="cpu", dtype=torch.float32, model="modelscope"):
+    """Load tokenizer, text encoder, UNet, VAE decoder and noise schedule from a diffusers-layout folder."""
+    variant = "fp16" if dtype == torch.float16 else "fp32"
+    if not os.path.isdir(model_dir):
+        raise LVDError(f"model folder {model_dir!r} not found. Download the weights with:\n  "
+                       f"{download_command(model, variant, model_dir)}\n(or run lvd.py with --download)")
+    device = torch.device(device)
+    sub = lambda name: os.path.join(model_dir, name)
+    try:
+        return Pipeline(
+            tokenizer=CLIPTokenizer.from_pretrained(sub("tokenizer")),
+            text_encoder=CLIPTextEncoder.from_pretrained(sub("text_encoder"), device, dtype),
+            unet=UNet3D.from_pretrained(sub("unet"), device, dtype),
+            vae=VAEDecoder.from_pretrained(sub("vae"), device, dtype),
+            schedule=sampler.NoiseSchedule.from_config(sub(os.path.join("scheduler", "scheduler_config.json"))),
+            device=device, dtype=dtype)
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        raise LVDError(f"{e}\nTo (re-)download the weights: {download_command(model, variant, model_dir)}") from None
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+@torch.no_grad()
+def encode_text(pipe, prompts):
+    """list[str] -> (b, 77, d) last hidden states, in the pipeline's dtype."""
+    ids = pipe.tokenizer(prompts).to(pipe.device)
+    return pipe.text_encoder(ids).to(pipe.dtype)
+
+
+def initial_noise(seed, frames, height, width, device, dtype):
+    """Seeded N(0, 1) latents (1, 4, f, h/8, w/8), drawn on the CPU in float32 (same on every device)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((1, 4, frames, height // 8, width // 8), generator=gen).to(device, dtype)
+
+
+def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=40, cfg_scale=9.0,
+             negative_prompt=NEGATIVE_PROMPT, seed=0, solver="dpm", guidance=None, latents=None,
+             vae_slice=1, on_step=None, info=None):
+    """Sample one video. Returns uint8 frames (f, H, W, 3).
+
+    layout:   a planner.Layout; with `guidance` (attention.GuidanceParams) LVD's energy guidance runs.
+    latents:  optional initial noise (1, 4, f, H/8, W/8); else drawn from `seed` (see initial_noise).
+    on_step:  callable(info dict {'i', 't', 'x', 'x0_pred'}) after each solver step (progress, notebooks).
+    info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
+    """
+    if height % 8 or width % 8:
+        raise LVDError(f"height and width must be multiples of 8, got {height}x{width}")
+    info = {} if info is None else info
+    if latents is None:
+        latents = initial_noise(seed, frames, height, width, pipe.device, pipe.dtype)
+    before_step, final_prompt = None, prompt
+    if layout is not None and guidance is not None:
+        import attention  # the guidance machinery, only needed for guided runs
+        before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width, guidance)
+        info.update(guidance=before_step, guidance_history=before_step.history, prompt_suffixes=before_step.suffixes)
+    info["final_prompt"] = final_prompt
+    text = encode_text(pipe, [negative_prompt, final_prompt])  # (2, 77, d): negative first (§10)
+    cond = text[1:]
+    if before_step is not None:
+        before_step.cond = cond
+
+    def eps_fn(x, t):  # classifier-free guidance as one batch-2 UNet call
+        with torch.no_grad():
+            eps_u, eps_c = pipe.unet(torch.cat([x, x]), t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim
+    t = time.perf_counter()
+    x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
+    info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
+    info["latents"] = x0
+    frames_u8 = decode(pipe, x0, vae_slice)
+    info["decode_s"] = time.perf_counter() - t
+    return frames_u8
+
+
+@torch.no_grad()
+def decode(pipe, latents, slice_size=1):
+    """(1, 4, f, h, w) latents -> uint8 frames (f, 8h, 8w, 3), decoded `slice_size` frames at a time."""
+    video = pipe.vae.decode_video(latents, slice_size)  # (1, 3, f, H, W) in [-1, 1]
+    video = (video[0].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)  # 3 f H W -> f H W 3
+    return (video * 255).to(torch.uint8).cpu().numpy()  # truncation, as diffusers' export_to_video
+
+
+# -----------------------------------------------------------------------------
+# outputs: one folder per run, written to a temporary folder and renamed into place
+
+def draw_boxes(frames, layout):
+    """Draw the layout's boxes and names over uint8 frames (f, H, W, 3); returns PIL images."""
+    from PIL import Image, ImageDraw
+    f, H, W, _ = frames.shape
+    colors = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
+    images = []
+    objects = layout.object_boxes(f)  # [(id, name, (f, 4) normalised xyxy, zeros where absent)]
+    for k in range(f):
+        im = Image.fromarray(frames[k]).convert("RGB")
+        d = ImageDraw.Draw(im)
+        for n, (_, name, boxes) in enumerate(objects):
+            x0, y0, x1, y1 = (float(v) for v in boxes[k])
+            if x1 <= x0 or y1 <= y0:
+                continue
+            c = colors[n % len(colors)]
+            d.rectangle([x0 * W, y0 * H, x1 * W - 1, y1 * H - 1], outline=c, width=2)
+            d.text((x0 * W + 3, y0 * H + 2), name, fill=c)
+        images.append(im)
+    return images
+
+
+def save_gif(images, path, fps=8):
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_run(out_root, name, frames, settings, layout=None, extra=None):
+    """Write video.gif, frames/NNNN.png, run.json (+ layout.json, layout.gif) atomically; return the folder.
+
+    extra: optional callable(folder) that writes more files into the run folder before it is renamed into place."""
+    from PIL import Image
+    os.makedirs(out_root, exist_ok=True)
+    final = os.path.join(out_root, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_root)
+    try:
+        images = [Image.fromarray(fr) for fr in frames]
+        save_gif(images, os.path.join(tmp, "video.gif"))
+        os.makedirs(os.path.join(tmp, "frames"))
+        for k, im in enumerate(images):
+            im.save(os.path.join(tmp, "frames", f"{k:04d}.png"))
+        if layout is not None:
+            layout.save(os.path.join(tmp, "layout.json"))
+            save_gif(draw_boxes(frames, layout), os.path.join(tmp, "layout.gif"))
+        with open(os.path.join(tmp, "run.json"), "w") as fh:
+            json.dump(settings, fh, indent=2, default=str)
+        if extra is not None:
+            extra(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def run_name(prompt, seed):
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "video"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}_{slug}_s{seed}"
+
+
+def versions():
+    import safetensors
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "safetensors": safetensors.__version__,
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+class Progress:
+    """A one-line progress bar on stderr: step i/N, seconds per step."""
+
+    def __init__(self, total, label="denoising", stream=None):
+        self.total, self.label, self.stream = total, label, stream or sys.stderr
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, info):
+        now = time.perf_counter()
+        i = info["i"] + 1
+        bar = "#" * int(24 * i / self.total)
+        self.stream.write(f"\r{self.label} [{bar:<24}] {i}/{self.total}  {now - self.last:.2f} s/step")
+        if i == self.total:
+            self.stream.write(f"  ({now - self.start:.1f} s)\n")
+        self.stream.flush()
+        self.last = now
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+GUIDANCE_KNOBS = ["loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
+                  "fg_weight", "bg_weight", "com_loss_scale"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="lvd.py", description="LLM-grounded Video Diffusion: text -> layout -> video.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prompt", required=True, help="what the video shows")
+    ap.add_argument("--model", choices=sorted(MODELS), default="modelscope")
+    ap.add_argument("--model-dir", help="diffusers-layout weights folder (default: models/<model>)")
+    ap.add_argument("--download", action="store_true", help="download missing weights first")
+    ap.add_argument("--layout", help="a layout JSON file (skips the LLM)")
+    ap.add_argument("--frames", type=int, help="default: 16 (modelscope) / 24 (zeroscope)")
+    ap.add_argument("--height", type=int, help="default: 256 (modelscope) / 320 (zeroscope)")
+    ap.add_argument("--width", type=int, help="default: 256 (modelscope) / 576 (zeroscope)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cfg", type=float, default=9.0, help="classifier-free guidance scale")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
+    ap.add_argument("--solver", choices=["dpm", "ddim"], default="dpm", help="DPM-Solver++ 2M, or DDIM (use 50 steps)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, else float32")
+    ap.add_argument("--vae-slice", type=int, default=1, help="frames decoded at a time (lower = less memory)")
+    ap.add_argument("--out", default="outputs", help="output root; each run gets its own folder")
+    g = ap.add_argument_group("guidance (lvd-method.md §4.5-§6)")
+    g.add_argument("--guidance", choices=["weak", "benchmark", "off"], default="weak",
+                   help="preset; 'off' is the plain ModelScope/Zeroscope baseline")
+    for knob in GUIDANCE_KNOBS:
+        g.add_argument("--" + knob.replace("_", "-"), type=float, help="override the preset's value")
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the guidance pass")
+    g.add_argument("--save-attention", action="store_true", help="write attention-map grids per object")
+    p = ap.add_argument_group("planner (LLM over HTTP; any OpenAI-compatible server)")
+    p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"),
+                   help="e.g. http://127.0.0.1:8000/v1 (env LVD_LLM_BASE_URL; default: OpenAI's API)")
+    p.add_argument("--llm-model", default=None, help=f"default: {planner.DEFAULT_MODEL}")
+    p.add_argument("--llm-cache", default=os.path.join("cache", "layouts.json"), help="layout cache file")
+    args = ap.parse_args(argv)
+    preset = MODELS[args.model]
+    for k in ("frames", "height", "width"):
+        if getattr(args, k) is None:
+            setattr(args, k, preset[k])
+    if args.height % 8 or args.width % 8 or min(args.height, args.width, args.frames, args.steps) <= 0:
+        ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
+    args.model_dir = args.model_dir or default_dest(args.model)
+    args.dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    return args
+
+
+def guidance_params(args):
+    import attention
+    params = attention.preset(args.guidance, args.model)
+    if params is None:
+        return None
+    overrides = {k: getattr(args, k) for k in GUIDANCE_KNOBS if getattr(args, k) is not None}
+    for k in ("max_iter", "max_index_step"):
+        if k in overrides:
+            overrides[k] = int(overrides[k])
+    return dataclasses.replace(params, checkpointing=args.checkpointing, **overrides)
+
+
+def get_layout(args):
+    import planner
+    if args.layout:
+        return planner.Layout.load(args.layout)
+    cache = planner.LayoutCache(args.llm_cache)
+    return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    timings, t0 = {}, time.perf_counter()
+    try:
+        guidance = guidance_params(args)
+        layout = None
+        if guidance is not None or args.layout:
+            layout = get_layout(args)
+            print(layout.summary(), file=sys.stderr)
+        timings["plan_s"] = time.perf_counter() - t0
+        if args.download:
+            from weights.download import download
+            download(model=args.model, variant="fp16" if args.dtype == torch.float16 else "fp32", dest=args.model_dir)
+        t = time.perf_counter()
+        pipe = load_pipeline(args.model_dir, args.device, args.dtype, args.model)
+        timings["load_s"] = time.perf_counter() - t
+        t, info = time.perf_counter(), {}
+        frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,
+                          args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
+                          on_step=Progress(args.steps), info=info)
+        timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
+    except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError) as e:
+        print(f"lvd: error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("lvd: error: out of GPU memory. Lower it with fewer --frames, a smaller --height/--width, "
+              "--dtype float16, --vae-slice 1, --checkpointing, or --guidance off.", file=sys.stderr)
+        return 1
+    settings = {k: v for k, v in vars(args).items()}
+    settings.update(dtype=str(args.dtype), final_prompt=info.get("final_prompt"), versions=versions(),
+                    prompt_suffixes=info.get("prompt_suffixes"),
+                    guidance_params=dataclasses.asdict(guidance) if guidance is not None else None,
+                    guidance_history=info.get("guidance_history"), timings_s=timings)
+    extra = None
+    if args.save_attention and info.get("guidance") is not None and info["guidance"].last_maps:
+        import attention
+        g = info["guidance"]
+        extra = lambda folder: attention.save_attention_grid(g.last_maps, g.masks, g.token_positions, g.names,
+                                                              os.path.join(folder, "attention"))
+    t = time.perf_counter()
+    folder = save_run(args.out, run_name(args.prompt, args.seed), frames, settings, layout, extra)
+    timings["save_s"] = time.perf_counter() - t
+    print(f"lvd: wrote {folder}  (" + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""The CLI on the tiny checkpoint: output folder, GIF, run.json, determinism, guidance by default, errors (issues 3, 4)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lvd
+import planner
+
+DEMO = "A bear walks from the left to the right"
+
+
+@pytest.fixture(scope="module")
+def layout_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("layout") / "bear.json"
+    planner.plan(DEMO).save(str(path))  # the shipped example layout, no LLM
+    return str(path)
+
+
+def run_cli(tiny_model_dir, out, layout_file, *extra):
+    argv = ["--prompt", DEMO, "--model-dir", tiny_model_dir, "--layout", layout_file, "--frames", "4",
+            "--height", "64", "--width", "96", "--steps", "3", "--seed", "5", "--out", str(out), "--device", "cpu", *extra]
+    assert lvd.main(argv) == 0
+    (folder,) = [d for d in os.listdir(out) if not d.startswith(".")]
+    return os.path.join(out, folder)
+
+
+def gif_frames(path):
+    im = Image.open(path)
+    frames = []
+    for k in range(im.n_frames):
+        im.seek(k)
+        frames.append(np.asarray(im.convert("RGB")))
+    return frames
+
+
+def test_cli_writes_a_complete_run(tiny_model_dir, layout_file, tmp_path):
+    folder = run_cli(tiny_model_dir, tmp_path / "a", layout_file, "--save-attention")
+    frames = gif_frames(os.path.join(folder, "video.gif"))
+    assert len(frames) == 4 and frames[0].shape == (64, 96, 3)
+    assert sorted(os.listdir(os.path.join(folder, "frames"))) == [f"{k:04d}.png" for k in range(4)]
+    run = json.load(open(os.path.join(folder, "run.json")))
+    for key in ("prompt", "seed", "steps", "cfg", "frames", "height", "width", "model", "dtype", "versions",
+                "final_prompt", "guidance", "guidance_params", "guidance_history", "timings_s", "negative_prompt"):
+        assert key in run, key
+    assert run["final_prompt"].startswith(DEMO + ",") and run["final_prompt"].endswith("background")
+    assert run["guidance"] == "weak" and len(run["guidance_history"]) >= 1  # guided by default
+    assert set(run["timings_s"]) >= {"plan_s", "load_s", "denoise_s", "decode_s"}
+    assert len(gif_frames(os.path.join(folder, "layout.gif"))) == 4
+    assert planner.Layout.load(os.path.join(folder, "layout.json")).background
+    grids = [f for f in os.listdir(folder) if f.startswith("attention") and f.endswith(".png")]
+    assert len(grids) == 1  # one object: the bear
+    assert not [d for d in os.listdir(tmp_path / "a") if d.startswith(".")]  # no temporary folder left
+
+
+def test_same_seed_same_frames(tiny_model_dir, layout_file, tmp_path):
+    a = run_cli(tiny_model_dir, tmp_path / "a", layout_file, "--guidance", "off")
+    b = run_cli(tiny_model_dir, tmp_path / "b", layout_file, "--guidance", "off")
+    for k in range(4):
+        pa = np.asarray(Image.open(os.path.join(a, "frames", f"{k:04d}.png")))
+        pb = np.asarray(Image.open(os.path.join(b, "frames", f"{k:04d}.png")))
+        assert np.array_equal(pa, pb)
+    c = run_cli(tiny_model_dir, tmp_path / "c", layout_file, "--guidance", "off", "--seed", "6")
+    assert not np.array_equal(np.asarray(Image.open(os.path.join(a, "frames", "0000.png"))),
+                              np.asarray(Image.open(os.path.join(c, "frames", "0000.png"))))
+
+
+def test_missing_model_folder_prints_download_command(layout_file, tmp_path, capsys):
+    code = lvd.main(["--prompt", DEMO, "--model-dir", str(tmp_path / "nope"), "--layout", layout_file,
+                     "--out", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "python weights/download.py --model modelscope" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--prompt", "x", "--height", "100"], ["--prompt", "x", "--guidance", "strong"],
+                                  ["--prompt", "x", "--steps", "0"], []])
+def test_bad_arguments_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        lvd.parse_args(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_unknown_prompt_without_llm_says_how_to_configure(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("LVD_LLM_BASE_URL", raising=False)
+    code = lvd.main(["--prompt", "a purple giraffe juggling", "--model-dir", tiny_model_dir, "--out", str(tmp_path),
+                     "--llm-cache", str(tmp_path / "cache.json"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--layout" in err and "Traceback" not in err
