@@ -1,5 +1,9 @@
 """Shared pytest setup: the repo root on sys.path, and where ../shared lives."""
+import os
 import sys
+
+# idle OpenMP workers sleep instead of spinning: on a 2-core machine spinning threads starve the rest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

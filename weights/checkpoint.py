@@ -55,6 +55,8 @@ def config_from_json(cls, source):
                 source = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(source, dict):
+        raise CheckpointError(f"{where}: expected a JSON object of config keys, found {type(source).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = {k: v for k, v in source.items() if k in fields}
     unknown = sorted(k for k in source if k not in fields and not k.startswith("_"))
@@ -67,6 +69,8 @@ def config_from_json(cls, source):
     for name, f in fields.items():  # light type check of the values that reached the dataclass
         v = getattr(cfg, name)
         expect = type(f.default) if f.default is not dataclasses.MISSING else None
+        if v is None and f.default is None:
+            continue
         if expect in (int, float) and not isinstance(v, (int, float)) or expect is str and not isinstance(v, str):
             raise CheckpointError(f"{where}: field {name!r} should be {expect.__name__}, found {v!r}")
         if isinstance(f.default, (tuple, list)) or f.default_factory is not dataclasses.MISSING:
@@ -180,6 +184,11 @@ def load_module(build, path, rename=None, device=None, dtype=None):
     unexpected = sorted(mapped[k] for k in mapped if k not in expected)
     misshaped = [(k, expected[k], entries[mapped[k]][1]) for k in sorted(expected)
                  if k in mapped and entries[mapped[k]][1] != expected[k]]
+    state_dtypes = {k: v.dtype for k, v in module.state_dict().items()}
+    for k in sorted(k for k in expected if k in mapped):
+        if _DTYPES[entries[mapped[k]][0]].is_floating_point != state_dtypes[k].is_floating_point:
+            raise CheckpointError(f"{path}: tensor {mapped[k]} has dtype {entries[mapped[k]][0]}, "
+                                  f"expected a {'floating' if state_dtypes[k].is_floating_point else 'integer'} tensor")
     if missing or unexpected or misshaped:
         raise CheckpointError(_diff_message(path, missing, unexpected, misshaped))
 
