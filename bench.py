@@ -15,6 +15,7 @@ Timings use CUDA events, warm-up runs and the median of `--runs` runs; FLOPs com
 The table is printed and written to `--out` with the GPU name and the date.
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -33,10 +34,11 @@ DEMO_PROMPT = "A bear walks from the left to the right"
 
 
 def cuda_ms(fn, runs, warmup=2):
-    """Median milliseconds of fn() over `runs` runs (CUDA events), and the peak GiB allocated during them."""
+    """Median ms of fn() over `runs` runs (CUDA events), and (peak GiB allocated, of which above the resident models)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(runs):
@@ -46,18 +48,21 @@ def cuda_ms(fn, runs, warmup=2):
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 30
+    peak = torch.cuda.max_memory_allocated()
+    return statistics.median(times), (peak / 2 ** 30, (peak - base) / 2 ** 30)
 
 
 def wall_s(fn):
-    """Seconds of one call of fn() and the peak GiB allocated during it (after one warm-up call)."""
+    """Seconds of one call of fn() (after one warm-up call), and (peak GiB, of which above the resident models)."""
     fn()
     torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
-    return time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2 ** 30, out
+    peak = torch.cuda.max_memory_allocated()
+    return time.perf_counter() - t, (peak / 2 ** 30, (peak - base) / 2 ** 30), out
 
 
 def flops(fn):
@@ -74,6 +79,87 @@ def matmul_peak_tflops():
     return 2 * 8192 ** 3 / ms / 1e9
 
 
+def lvd_rows(pipe, layout, f, h, w, args, peak, row):
+    """(a)-(d) for lvd at one size, with only lvd's models resident."""
+    size = f"{f}x{h}x{w}"
+    x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=pipe.dtype)
+    text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
+    t, x2 = torch.tensor(999, device="cuda"), torch.cat([x, x])
+    with torch.no_grad():  # (a) the CFG UNet step
+        fl = flops(lambda: pipe.unet(x2, t, text))
+        base_ms, gib = cuda_ms(lambda: pipe.unet(x2, t, text), args.runs)
+        row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib, extra=f"{fl / base_ms / 1e9:.0f} TFLOP/s, "
+            f"{100 * fl / base_ms / 1e9 / peak:.0f}% of bf16 peak; {fl / 2e12:.2f} TFLOP per batch-1 forward")
+        if args.fast:
+            fast = torch.compile(pipe.unet, dynamic=False)
+            ms, gib = cuda_ms(lambda: fast(x2, t, text), args.runs, warmup=3)
+            row(size, "CFG UNet step (batch 2)", "lvd torch.compile", ms, gib,
+                extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of peak, {base_ms / ms:.2f}x eager")
+    # (b) one guidance pass
+    params = attention.preset("benchmark")
+    guide, final_prompt = attention.guidance_for_layout(pipe, DEMO_PROMPT, layout, f, h, w, params)
+    guide.cond = lvd.encode_text(pipe, [final_prompt])
+    masks = {p: m.cuda() for p, m in guide.masks.items()}
+
+    def official():  # full forward, graph kept, then the same energy and gradient
+        store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=False)
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            pipe.unet(z, t, guide.cond, store=store)
+            loss = attention.energy(store.maps, masks, guide.token_positions, params)
+            return torch.autograd.grad(params.loss_scale * loss, z)[0]
+    ms_off, gib = cuda_ms(official, args.runs)
+    row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib)
+    ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
+    row(size, "guidance pass (fwd+bwd, batch 1)", "lvd (truncated, 6 explicit maps)", ms, gib,
+        extra=f"{ms_off / ms:.2f}x faster than official")
+    guide.params = dataclasses.replace(params, checkpointing=True)
+    ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
+    row(size, "guidance pass (fwd+bwd, batch 1)", "lvd + activation checkpointing", ms, gib,
+        extra=f"{ms_off / ms:.2f}x faster than official")
+    if args.no_video:
+        return
+    for label, gp in (("lvd", params), ("lvd + activation checkpointing", dataclasses.replace(params, checkpointing=True))):
+        forced = dataclasses.replace(gp, loss_threshold=-1.0)  # (c) 10 x 5 passes forced
+        info = {}
+        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, 40, guidance=forced, info=info))
+        row(size, "guided video (40 steps, 50 passes, decode)", label, s=s, gib=gib,
+            extra=f"{len(info['guidance_history'])} guidance passes; decode {info['decode_s']:.2f} s")
+    info = {}  # (d) an unguided video
+    s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, 40, info=info))
+    row(size, "unguided video (40 steps, decode)", "lvd", s=s, gib=gib,
+        extra=f"{info['denoise_s'] / 40 * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
+
+
+def diffusers_rows(model_dir, sizes, args, peak, row):
+    """(a) and (d) for diffusers, loaded after lvd's measurements (so memory figures stay separate)."""
+    from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
+    ref = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16", torch_dtype=torch.float16).to("cuda")
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.vae.enable_slicing()  # frame-by-frame decoding, as the official LVD code and lvd do
+    for f, h, w in sizes:
+        size = f"{f}x{h}x{w}"
+        x = torch.randn(2, 4, f, h // 8, w // 8, device="cuda", dtype=torch.float16)
+        text = torch.cat(ref.encode_prompt(DEMO_PROMPT, "cuda", 1, True, lvd.NEGATIVE_PROMPT)[::-1])
+        t = torch.tensor(999, device="cuda")
+        with torch.no_grad():
+            fl = flops(lambda: ref.unet(x, t, encoder_hidden_states=text).sample)
+            ms, gib = cuda_ms(lambda: ref.unet(x, t, encoder_hidden_states=text).sample, args.runs)
+        row(size, "CFG UNet step (batch 2)", "diffusers UNet3DConditionModel", ms, gib,
+            extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of bf16 peak")
+        if args.no_video:
+            continue
+        call = lambda out: ref(DEMO_PROMPT, negative_prompt=lvd.NEGATIVE_PROMPT, num_frames=f, height=h, width=w,
+                               num_inference_steps=40, output_type=out)
+        s_lat, _, _ = wall_s(lambda: call("latent"))
+        s, gib, _ = wall_s(lambda: call("np"))
+        row(size, "unguided video (40 steps, decode)", "diffusers TextToVideoSDPipeline", s=s, gib=gib,
+            extra=f"{s_lat / 40 * 1e3:.1f} ms/step; decode {s - s_lat:.2f} s")
+    del ref
+    torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model-dir", help="a full-size model folder; made with random weights when missing")
@@ -85,104 +171,38 @@ def main(argv=None):
     ap.add_argument("--fast", action="store_true", help="also measure the torch.compile fast path")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.float16
     model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "lvd-full-random")
     if not os.path.isdir(model_dir):
         t = time.perf_counter()
         make_tiny(model_dir, seed=0, fp16_variants=True, full=True, device="cuda")
         print(f"made random full-size model folder in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    pipe = lvd.load_pipeline(model_dir, "cuda", dtype)
-    layout = planner.plan(DEMO_PROMPT)  # the shipped example layout (no LLM needed)
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     peak = matmul_peak_tflops()
-    ref_unet = ref_pipe = None
-    if not args.no_diffusers:
-        from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-        ref_unet = UNet3DConditionModel.from_pretrained(os.path.join(model_dir, "unet"), variant="fp16",
-                                                        torch_dtype=dtype).to("cuda").eval()
     rows = []
 
-    def row(size, what, impl, ms=None, gib=None, s=None, extra=""):
-        rows.append((size, what, impl, ms, gib, s, extra))
+    def row(size, what, impl, ms=None, gib=(None, None), s=None, extra=""):
+        rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))
         print(f"{size} | {what} | {impl} | {ms} ms | {gib} GiB | {s} s | {extra}", file=sys.stderr, flush=True)
 
-    for size in args.sizes.split(","):
-        f, h, w = (int(v) for v in size.split("x"))
-        x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=dtype)
-        text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
-        t = torch.tensor(999, device="cuda")
-        x2 = torch.cat([x, x])
-
-        # (a) the CFG UNet step
-        with torch.no_grad():
-            fl = flops(lambda: pipe.unet(x2, t, text))
-            step = lambda: pipe.unet(x2, t, text)
-            ms, gib = cuda_ms(step, args.runs)
-            base_ms = ms
-            row(size, "CFG UNet step (batch 2)", "lvd eager", ms, gib, extra=f"{fl / ms / 1e9:.0f} TFLOP/s, "
-                f"{100 * fl / ms / 1e9 / peak:.0f}% of bf16 peak; {fl / 2e12:.2f} TFLOP per batch-1 forward")
-            if args.fast:
-                fast = torch.compile(pipe.unet, dynamic=False)
-                ms, gib = cuda_ms(lambda: fast(x2, t, text), args.runs, warmup=3)
-                row(size, "CFG UNet step (batch 2)", "lvd --fast (torch.compile)", ms, gib,
-                    extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of peak, "
-                          f"{base_ms / ms:.2f}x eager")
-            if ref_unet is not None:
-                ms, gib = cuda_ms(lambda: ref_unet(x2, t, encoder_hidden_states=text).sample, args.runs)
-                row(size, "CFG UNet step (batch 2)", "diffusers UNet3DConditionModel", ms, gib,
-                    extra=f"{fl / ms / 1e9:.0f} TFLOP/s; lvd eager is {ms / base_ms:.2f}x faster")
-
-        # (b) one guidance pass
-        params = attention.preset("benchmark")
-        guide, final_prompt = attention.guidance_for_layout(pipe, DEMO_PROMPT, layout, f, h, w, params)
-        guide.cond = lvd.encode_text(pipe, [final_prompt])
-        ms_lvd, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
-        row(size, "guidance pass (fwd+bwd, batch 1)", "lvd (truncated, 6 explicit maps)", ms_lvd, gib)
-        guide.params = attention.GuidanceParams(**{**params.__dict__, "checkpointing": True})
-        ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
-        row(size, "guidance pass (fwd+bwd, batch 1)", "lvd + activation checkpointing", ms, gib)
-        guide.params = params
-
-        def official():  # full forward, graph kept, then the same energy and gradient
-            store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=False)
-            with torch.enable_grad():
-                z = x.detach().requires_grad_(True)
-                pipe.unet(z, t, guide.cond, store=store)
-                loss = attention.energy(store.maps, guide.masks, guide.token_positions, params)
-                return torch.autograd.grad(params.loss_scale * loss, z)[0]
-        ms, gib = cuda_ms(official, args.runs)
-        row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms, gib,
-            extra=f"lvd is {ms / ms_lvd:.2f}x faster")
-
-        if args.no_video:
-            continue
-        # (c) a whole guided video, 10 × 5 passes forced by a negative threshold
-        forced = attention.GuidanceParams(**{**params.__dict__, "loss_threshold": -1.0})
-        info = {}
-        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, 40, guidance=forced, seed=0,
-                                                info=info))
-        row(size, "guided video (40 steps, 50 passes, decode)", "lvd", s=s, gib=gib,
-            extra=f"{len(info['guidance_history'])} guidance passes; decode {info['decode_s']:.2f} s")
-        # (d) an unguided video
-        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, 40, seed=0, info=info))
-        row(size, "unguided video (40 steps, decode)", "lvd", s=s, gib=gib,
-            extra=f"{info['denoise_s'] / 40 * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
-        if not args.no_diffusers:
-            if ref_pipe is None:
-                ref_pipe = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16", torch_dtype=dtype).to("cuda")
-                ref_pipe.scheduler = DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config)
-                ref_pipe.set_progress_bar_config(disable=True)
-                ref_pipe.enable_vae_slicing()
-            call = lambda: ref_pipe(DEMO_PROMPT, negative_prompt=lvd.NEGATIVE_PROMPT, num_frames=f, height=h, width=w,
-                                    num_inference_steps=40, output_type="np")
-            s, gib, _ = wall_s(call)
-            row(size, "unguided video (40 steps, decode)", "diffusers TextToVideoSDPipeline", s=s, gib=gib)
+    pipe = lvd.load_pipeline(model_dir, "cuda", torch.float16)
+    layout = planner.plan(DEMO_PROMPT)  # the shipped example layout (no LLM needed)
+    for f, h, w in sizes:
+        lvd_rows(pipe, layout, f, h, w, args, peak, row)
+    del pipe
+    torch.cuda.empty_cache()
+    if not args.no_diffusers:
+        diffusers_rows(model_dir, sizes, args, peak, row)
 
     fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"
     lines = [f"# lvd benchmark: {torch.cuda.get_device_name()}, {datetime.date.today()}",
              "", f"torch {torch.__version__}; fp16; real 1.7B config, random weights; median of {args.runs} runs "
-             f"(CUDA events); measured bf16 matmul peak {peak:.0f} TFLOP/s.", "",
-             "| size (f×h×w) | what | implementation | ms | peak GiB | s | notes |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {fmt(d, 1)} | {fmt(e, 2)} | {fmt(g, 2)} | {x} |" for a, b, c, d, e, g, x in rows]
+             f"(CUDA events); measured bf16 matmul peak {peak:.0f} TFLOP/s. Peak GiB is all memory allocated by "
+             "PyTorch (models included); 'above models' excludes the resident weights.", "",
+             "| size (f×h×w) | what | implementation | ms | peak GiB | above models GiB | s | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows.sort(key=lambda r: [s[0] for s in sizes].index(int(r[0].split("x")[0])))
+    lines += [f"| {a} | {b} | {c} | {fmt(d, 1)} | {fmt(e, 2)} | {fmt(e2, 2)} | {fmt(g, 2)} | {x} |"
+              for a, b, c, d, e, e2, g, x in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
