@@ -329,7 +329,7 @@ def main(argv=None):
                           args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
                           on_step=Progress(args.steps), info=info)
         timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
-    except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError) as e:
+    except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError, planner.CacheError, ValueError) as e:
         print(f"lvd: error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
