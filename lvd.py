@@ -167,7 +167,8 @@ def draw_boxes(frames, layout):
             if x1 <= x0 or y1 <= y0:
                 continue
             c = colors[n % len(colors)]
-            d.rectangle([x0 * W, y0 * H, x1 * W - 1, y1 * H - 1], outline=c, width=2)
+            px0, py0 = min(max(x0 * W, 0), W - 1), min(max(y0 * H, 0), H - 1)  # a box clipped to < 1 px
+            d.rectangle([px0, py0, max(px0, min(x1 * W, W) - 1), max(py0, min(y1 * H, H) - 1)], outline=c, width=2)
             d.text((x0 * W + 3, y0 * H + 2), name, fill=c)
         images.append(im)
     return images

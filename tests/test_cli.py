@@ -89,3 +89,20 @@ def test_unknown_prompt_without_llm_says_how_to_configure(tiny_model_dir, tmp_pa
                      "--llm-cache", str(tmp_path / "cache.json"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "--layout" in err and "Traceback" not in err
+
+
+def test_draw_boxes_survives_boxes_thinner_than_a_pixel():
+    """The shipped bird/car example clips its last box to ~0 px width; drawing it must not fail (it did:
+    PIL rejects x1 < x0), since save_run draws layout.gif after the whole video was sampled."""
+    prompt = "A realistic lively video of a scene with a bird moving from the left of a car to its right"
+    layout = planner.plan(prompt)  # from the shipped examples
+    tracks = layout.object_boxes(16)
+    widths = [float(b[2] - b[0]) for tr in tracks for b in tr.boxes if b[2] > b[0]]
+    assert min(widths) * 64 < 1  # at a 64-px video the thinnest box is under one pixel wide
+    frames = np.zeros((16, 64, 64, 3), np.uint8)
+    images = lvd.draw_boxes(frames, layout)
+    assert len(images) == 16 and images[0].size == (64, 64)
+    drawn = np.asarray(images[-1])
+    assert drawn.any()  # the boxes are drawn, not skipped
+    edge = planner.Layout("x", "", [[{"id": 0, "name": "x", "box": [511.9, 511.9, 0.05, 0.05]}]] * 6)
+    assert len(lvd.draw_boxes(frames, edge)) == 16  # a sub-pixel box in the bottom-right corner
