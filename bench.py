@@ -7,7 +7,9 @@ Measures, per size (frames × height × width), in fp16:
   (a) the CFG UNet step (batch 2): lvd eager, lvd fast path (`--fast`, torch.compile), diffusers' UNet3DConditionModel;
   (b) one guidance pass (cond-only forward + backward to the latents): lvd (truncated after the last guided layer,
       explicit probabilities only in the six guided layers), lvd with activation checkpointing, and the official
-      approach (full forward, graph kept);
+      approach (full forward, graph kept), both on lvd's UNet and on diffusers' UNet3DConditionModel with the
+      official explicit-probability processor in the six layers (scripts/official_guidance.py; the official code
+      runs a copy of diffusers' model, so the latter is the official implementation's cost);
   (c) a whole guided video: 40 steps, 10 × 5 guidance passes (threshold forced below zero), VAE decode;
   (d) an unguided video: lvd against diffusers' TextToVideoSDPipeline with DPMSolverMultistepScheduler;
   (e) peak GPU memory of each.
@@ -28,6 +30,7 @@ import torch
 import attention
 import lvd
 import planner
+from text_encoder import CLIPTokenizer
 from weights.make_tiny import make_tiny
 
 DEMO_PROMPT = "A bear walks from the left to the right"
@@ -131,9 +134,13 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
         extra=f"{info['denoise_s'] / 40 * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
 
 
-def diffusers_rows(model_dir, sizes, args, peak, row):
-    """(a) and (d) for diffusers, loaded after lvd's measurements (so memory figures stay separate)."""
+def diffusers_rows(model_dir, sizes, layout, args, peak, row):
+    """(a), (b) and (d) for diffusers, loaded after lvd's measurements (so memory figures stay separate)."""
     from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import official_guidance
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
     ref = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16", torch_dtype=torch.float16).to("cuda")
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -148,6 +155,19 @@ def diffusers_rows(model_dir, sizes, args, peak, row):
             ms, gib = cuda_ms(lambda: ref.unet(x, t, encoder_hidden_states=text).sample, args.runs)
         row(size, "CFG UNet step (batch 2)", "diffusers UNet3DConditionModel", ms, gib,
             extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of bf16 peak")
+        # (b) the official guidance pass on diffusers' UNet (explicit maps in the six layers, full forward, graph kept)
+        tracks = layout.object_boxes(f)
+        final, positions, _ = attention.resolve_tokens(tokenizer, DEMO_PROMPT, layout.background,
+                                                       [tr.name for tr in tracks])
+        masks = {p: m.cuda() for p, m in attention.layer_masks([tr.boxes for tr in tracks], (h // 8, w // 8)).items()}
+        cond = ref.encode_prompt(final, "cuda", 1, False)[0]
+        maps = official_guidance.install(ref.unet)
+        params = attention.preset("benchmark")
+        ms, gib = cuda_ms(lambda: official_guidance.official_pass(ref.unet, maps, x[:1], t, cond, masks, positions,
+                                                                  params), args.runs)
+        row(size, "guidance pass (fwd+bwd, batch 1)", "official approach on diffusers UNet3DConditionModel", ms, gib)
+        ref.unet.set_attn_processor(AttnProcessor2_0())
+        del maps
         if args.no_video:
             continue
         call = lambda out: ref(DEMO_PROMPT, negative_prompt=lvd.NEGATIVE_PROMPT, num_frames=f, height=h, width=w,
@@ -191,7 +211,7 @@ def main(argv=None):
     del pipe
     torch.cuda.empty_cache()
     if not args.no_diffusers:
-        diffusers_rows(model_dir, sizes, args, peak, row)
+        diffusers_rows(model_dir, sizes, layout, args, peak, row)
 
     fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"
     lines = [f"# lvd benchmark: {torch.cuda.get_device_name()}, {datetime.date.today()}",

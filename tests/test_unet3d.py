@@ -279,3 +279,34 @@ def test_fp16_variant_is_picked(zoo, tmp_path):
     assert all(torch.equal(sd16[k], want16[k]) for k in sd16)
     assert all(torch.equal(sd32[k], want32[k]) for k in sd32)
     assert torch.equal(sd16["conv_in.weight"], -want32["conv_in.weight"].half())  # the fp16 file, not a cast
+
+
+# -----------------------------------------------------------------------------
+# the guidance gradient against the official pass run on diffusers
+
+def test_guidance_gradient_equals_the_official_pass_on_diffusers(zoo):
+    """lvd's guidance pass (truncated after the last guided layer, SDPA outside the six layers) gives the
+    gradient of the official recipe run on diffusers' UNet: explicit probabilities from
+    `Attention.get_attention_scores` in the six layers, full forward, graph kept (scripts/official_guidance.py,
+    which bench.py times as the official approach)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import attention as A
+    from official_guidance import install, official_pass
+    ref, ours, _ = zoo(64)
+    ref = copy.deepcopy(ref).requires_grad_(False)  # its processors change: keep the shared fixture as it was
+    maps = install(ref)
+    f, h, w = 3, 16, 24
+    x, ctx = inputs(1, f, h, w, seed=5)
+    boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)],  # moves up
+             [(0.55, 0.1, 0.95, 0.45)] * (f - 1) + [(0, 0, 0, 0)]]  # absent in the last frame
+    masks, positions = A.layer_masks(boxes, (h, w)), [[2], [4, 5]]
+    params = A.GuidanceParams(loss_scale=5.0)  # the benchmark energy, CoM terms on
+    g_ref = official_pass(ref, maps, x, 974, ctx, masks, positions, params)
+    assert set(maps) == set(GUIDED)
+    loss, g = A.LatentGuidance(ours, ctx, masks, positions, None, params).loss_and_grad(x, 974)
+    loss_ref = A.energy(maps, masks, positions, params)
+    assert abs(float(loss) - float(loss_ref)) <= 1e-6 * float(loss_ref)
+    print(f"guidance gradient vs the official pass on diffusers: rel L2 {rel_err(g, g_ref):.2e}")
+    assert g_ref.abs().max() > 0 and rel_err(g, g_ref) <= TOL, rel_err(g, g_ref)
