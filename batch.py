@@ -329,7 +329,7 @@ def run(args, jobs, guidance, layouts, rank, world):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="batch.py", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=lvd.HelpFormatter)
     ap.add_argument("--prompts", required=True, help="a prompts file (one per line) or 'benchmark' (§7.1's 500)")
     ap.add_argument("--out", required=True, help="output folder: one folder per job, index.jsonl, summary.json")
     ap.add_argument("--seeds", help="seed offsets, comma-separated; seed = prompt index + offset "
@@ -355,7 +355,7 @@ def parse_args(argv=None):
     g.add_argument("--guidance", choices=["weak", "benchmark", "off"],
                    help="preset (default: benchmark for the benchmark, else weak); 'off' needs no layouts")
     for knob in lvd.GUIDANCE_KNOBS:
-        g.add_argument("--" + knob.replace("_", "-"), type=float, help="override the preset's value")
+        g.add_argument("--" + knob.replace("_", "-"), type=float, help=lvd.knob_help(knob))
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the guidance pass")
     p = ap.add_argument_group("planner (used for prompts missing from --layout-cache)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"))
@@ -373,6 +373,8 @@ def parse_args(argv=None):
         ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
     if (args.limit is not None and args.limit < 1) or args.dist_timeout <= 0:
         ap.error("--limit and --dist-timeout must be positive")
+    if lvd.check_device(args.device):  # plain 'cuda' (one GPU per local rank) is checked per rank at start
+        ap.error(lvd.check_device(args.device))
     args.model_dir = args.model_dir or lvd.default_dest(args.model)
     args.dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     return args

@@ -243,25 +243,67 @@ class Progress:
 
 GUIDANCE_KNOBS = ["loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
                   "fg_weight", "bg_weight", "com_loss_scale"]
+KNOB_TEXT = dict(loss_scale="s, the latent step size", loss_threshold="τ: guidance stops once the energy is below it",
+                 max_iter="guidance iterations per step", max_index_step="guided steps, from the first",
+                 fg_top_p="ρ_fg, top fraction of in-box attention", bg_top_p="ρ_bg, top fraction outside the box",
+                 fg_weight="weight of the in-box term", bg_weight="weight of the outside term",
+                 com_loss_scale="λ of the centre-of-mass terms (0 = off)")
+
+
+def knob_help(knob):
+    """'what it is (preset values)', e.g. 'guidance iterations per step (weak: 1; benchmark: 5)'."""
+    import attention
+    values = []
+    for name, preset in attention.PRESETS.items():
+        v = preset[knob]
+        values.append(f"{name}: " + ("/".join(f"{x:g}" for x in v.values()) + " modelscope/zeroscope"
+                                     if isinstance(v, dict) else f"{v:g}"))
+    return f"{KNOB_TEXT[knob]} ({'; '.join(values)})"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' where there is a default to show and the help text does not already give it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def check_device(device):
+    """A one-line message if torch cannot use `device` on this machine, else None."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available to this torch build on this machine; use --device cpu"
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS is not available on this machine"
+    return None
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="lvd.py", description="LLM-grounded Video Diffusion: text -> layout -> video.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--prompt", required=True, help="what the video shows")
-    ap.add_argument("--model", choices=sorted(MODELS), default="modelscope")
+    ap.add_argument("--model", choices=sorted(MODELS), default="modelscope",
+                    help="ModelScope 1.7B (256x256, 16 frames) or its Zeroscope v2 576w fine-tune (576x320, 24)")
     ap.add_argument("--model-dir", help="diffusers-layout weights folder (default: models/<model>)")
     ap.add_argument("--download", action="store_true", help="download missing weights first")
     ap.add_argument("--layout", help="a layout JSON file (skips the LLM)")
     ap.add_argument("--frames", type=int, help="default: 16 (modelscope) / 24 (zeroscope)")
     ap.add_argument("--height", type=int, help="default: 256 (modelscope) / 320 (zeroscope)")
     ap.add_argument("--width", type=int, help="default: 256 (modelscope) / 576 (zeroscope)")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40, help="denoising steps")
     ap.add_argument("--cfg", type=float, default=9.0, help="classifier-free guidance scale")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise (drawn on the CPU)")
+    ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="LVD's fixed negative prompt")
     ap.add_argument("--solver", choices=["dpm", "ddim"], default="dpm", help="DPM-Solver++ 2M, or DDIM (use 50 steps)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, else float32")
     ap.add_argument("--vae-slice", type=int, default=1, help="frames decoded at a time (lower = less memory)")
     ap.add_argument("--out", default="outputs", help="output root; each run gets its own folder")
@@ -269,7 +311,7 @@ def parse_args(argv=None):
     g.add_argument("--guidance", choices=["weak", "benchmark", "off"], default="weak",
                    help="preset; 'off' is the plain ModelScope/Zeroscope baseline")
     for knob in GUIDANCE_KNOBS:
-        g.add_argument("--" + knob.replace("_", "-"), type=float, help="override the preset's value")
+        g.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the guidance pass")
     g.add_argument("--save-attention", action="store_true", help="write attention-map grids per object")
     p = ap.add_argument_group("planner (LLM over HTTP; any OpenAI-compatible server)")
@@ -284,6 +326,8 @@ def parse_args(argv=None):
             setattr(args, k, preset[k])
     if args.height % 8 or args.width % 8 or min(args.height, args.width, args.frames, args.steps) <= 0:
         ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
+    if check_device(args.device):
+        ap.error(check_device(args.device))
     args.model_dir = args.model_dir or default_dest(args.model)
     args.dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     return args
@@ -309,8 +353,30 @@ def get_layout(args):
     return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out)
 
 
+def check_writable(folder):
+    """A one-line message if run folders cannot be written under `folder`, else None (checked before sampling)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"--out {folder}: cannot write there ({e.strerror or e})"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if check_writable(args.out):
+        print(f"lvd: error: {check_writable(args.out)}", file=sys.stderr)
+        return 1
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("\nlvd: interrupted; nothing was written for this run (caches are written atomically)", file=sys.stderr)
+        return 130
+
+
+def _main(args):
     timings, t0 = {}, time.perf_counter()
     try:
         guidance = guidance_params(args)
@@ -349,7 +415,11 @@ def main(argv=None):
         extra = lambda folder: attention.save_attention_grid(g.last_maps, g.masks, g.token_positions, g.names,
                                                               os.path.join(folder, "attention"))
     t = time.perf_counter()
-    folder = save_run(args.out, run_name(args.prompt, args.seed), frames, settings, layout, extra)
+    try:
+        folder = save_run(args.out, run_name(args.prompt, args.seed), frames, settings, layout, extra)
+    except OSError as e:  # e.g. the disk filled up while sampling; save_run leaves no half folder
+        print(f"lvd: error: could not write the run folder under {args.out}: {e}", file=sys.stderr)
+        return 1
     timings["save_s"] = time.perf_counter() - t
     print(f"lvd: wrote {folder}  (" + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()) + ")")
     return 0
