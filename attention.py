@@ -16,8 +16,9 @@ Differences:
   so 'ball' no longer matches inside 'football</w>' (§10.7). The plural fallback is a small rule set
   (`plural`) instead of the `inflect` library. Added suffixes are returned so runs can record them (§10.9).
 - The guidance forward stops after the last guided layer (up_blocks.3 and conv_out are never computed;
-  they do not feed the energy, so the gradient is unchanged), and can use activation checkpointing
-  (`GuidanceParams.checkpointing`, §10.15). Both are tested to give the official gradient.
+  they do not feed the energy, so the gradient is unchanged). Its memory can be lowered by recomputing the
+  cheap norms and activations in the backward, or by checkpointing every block (`GuidanceParams.checkpointing`,
+  §10.15). All are tested to give the official gradient.
 - The energy divides by |O|·(number of layers given), which is |O|·6 for the guided set, as the official.
 - Energy units are the official, unnormalised ones: τ depends on frames and heads (§4.5 "Scale", §10.16).
 
@@ -299,13 +300,17 @@ class GuidanceParams:
     fg_weight: float = 1.0           # w_fg
     bg_weight: float = 4.0           # w_bg
     com_loss_scale: float = 0.03     # λ; 0 turns the centre-of-mass terms off
-    checkpointing: bool = False      # activation checkpointing in the guidance forward (same gradient)
+    # memory of the guidance pass (same gradient in each): 'off' keeps the graph; 'cheap' recomputes norms and
+    # activations in the backward; 'full' (or True) checkpoints every block (results/perf-notes.md)
+    checkpointing: str = "off"
 
     def __post_init__(self):
         if not (0 < self.fg_top_p <= 1 and 0 < self.bg_top_p <= 1):
             raise ValueError(f"GuidanceParams: fg_top_p/bg_top_p must be in (0, 1], got {self.fg_top_p}/{self.bg_top_p}")
         if min(self.loss_scale, self.max_iter, self.max_index_step, self.com_loss_scale) < 0:
             raise ValueError("GuidanceParams: loss_scale, max_iter, max_index_step, com_loss_scale must be >= 0")
+        if not any(self.checkpointing is v for v in (False, True)) and self.checkpointing not in ("off", "cheap", "full"):
+            raise ValueError(f"GuidanceParams: checkpointing must be 'off', 'cheap' or 'full', got {self.checkpointing!r}")
 
 
 PRESETS = {  # README commands of the official repo (§6); 'weak' thresholds per model: 16 vs 24 frames

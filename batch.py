@@ -356,7 +356,10 @@ def parse_args(argv=None):
                    help="preset (default: benchmark for the benchmark, else weak); 'off' needs no layouts")
     for knob in lvd.GUIDANCE_KNOBS:
         g.add_argument("--" + knob.replace("_", "-"), type=float, help=lvd.knob_help(knob))
-    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the guidance pass")
+    g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
+                   help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
+                        "backward (about -20%% activation memory); 'full' (the flag alone) checkpoints every block "
+                        "(576x320x24 fits a 24 GB card)")
     p = ap.add_argument_group("planner (used for prompts missing from --layout-cache)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"))
     p.add_argument("--llm-model", default=None)

@@ -312,7 +312,10 @@ def parse_args(argv=None):
                    help="preset; 'off' is the plain ModelScope/Zeroscope baseline")
     for knob in GUIDANCE_KNOBS:
         g.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
-    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the guidance pass")
+    g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
+                   help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
+                        "backward (about -20%% activation memory); 'full' (the flag alone) checkpoints every block "
+                        "(576x320x24 fits a 24 GB card)")
     g.add_argument("--save-attention", action="store_true", help="write attention-map grids per object")
     p = ap.add_argument_group("planner (LLM over HTTP; any OpenAI-compatible server)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"),
@@ -400,8 +403,8 @@ def _main(args):
         print(f"lvd: error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
-        print("lvd: error: out of GPU memory. Lower it with fewer --frames, a smaller --height/--width, "
-              "--dtype float16, --vae-slice 1, --checkpointing, or --guidance off.", file=sys.stderr)
+        print("lvd: error: out of GPU memory. Lower it with fewer --frames, a smaller --height/--width, --dtype float16, "
+              "--vae-slice 1, --checkpointing cheap (or full), or --guidance off.", file=sys.stderr)
         return 1
     settings = {k: v for k, v in vars(args).items()}
     settings.update(dtype=str(args.dtype), final_prompt=info.get("final_prompt"), versions=versions(),

@@ -107,6 +107,42 @@ def run_maybe_checkpointed(fn, ckpt, *args):
     return fn(*args)
 
 
+def checkpoint_mode(checkpoint):
+    """False/'off': keep every activation; 'cheap': recompute only norms and activations (below); True/'full':
+    checkpoint every resnet+temporal conv and every transformer. -> (full, cheap)."""
+    mode = {False: "off", True: "full", None: "off"}.get(checkpoint, checkpoint)
+    if mode not in ("off", "cheap", "full"):
+        raise ValueError(f"checkpointing must be 'off', 'cheap' or 'full', got {checkpoint!r}")
+    return mode == "full", mode == "cheap"
+
+
+class _Recompute(torch.autograd.Function):
+    """y = fn(x) keeping only x for the backward, which recomputes fn. For frozen weights only (no weight grads)."""
+
+    @staticmethod
+    def forward(ctx, fn, x):
+        ctx.fn = fn
+        ctx.save_for_backward(x)
+        return fn(x)  # autograd records nothing inside a Function's forward
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = ctx.fn(x)
+        return None, torch.autograd.grad(y, x, grad)[0]
+
+
+def recompute(fn, x, cheap):
+    """fn(x), where fn is cheap elementwise or normalisation work (GroupNorm -> SiLU, GEGLU's gate). With `cheap`
+    (and a graph being built) its output is not kept for the backward but recomputed there from x: the guidance
+    pass's 'cheap' memory mode. Same values and gradients (tested); inference only."""
+    if cheap and torch.is_grad_enabled() and x.requires_grad:
+        return _Recompute.apply(fn, x)
+    return fn(x)
+
+
 # -----------------------------------------------------------------------------
 # layers
 
@@ -133,11 +169,11 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
-    def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x, temb=None, cheap=False):
+        h = self.conv1(recompute(lambda x: F.silu(self.norm1(x)), x, cheap))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(recompute(lambda h: F.silu(self.norm2(h)), h, cheap)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -155,10 +191,14 @@ class TemporalConvLayer(nn.Module):
         self.conv3 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
         self.conv4 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
 
-    def forward(self, x, f):
+    def forward(self, x, f, cheap=False):
         x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
-        x = x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
-        return frames_to_batch(x)  # b c f h w -> (b f) c h w
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):  # GN, SiLU, [Dropout], Conv3d
+            h = recompute(lambda h, _s=stage: _s[1](_s[0](h)), h, cheap)
+            for m in stage[2:]:
+                h = m(h)
+        return frames_to_batch(x + h)  # b c f h w -> (b f) c h w
 
 
 class Attention(nn.Module):
@@ -183,9 +223,11 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d, 2 * inner)
 
-    def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)  # first half value, second half gate (exact GELU)
-        return value * F.gelu(gate)
+    def forward(self, x, cheap=False):
+        def gated(h):
+            value, gate = h.chunk(2, dim=-1)  # first half value, second half gate (exact GELU)
+            return value * F.gelu(gate)
+        return recompute(gated, self.proj(x), cheap)
 
 
 class FeedForward(nn.Module):
@@ -193,10 +235,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d)])
 
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x, cheap=False):
+        return self.net[2](self.net[1](self.net[0](x, cheap)))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -214,10 +254,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(d)
         self.ff = FeedForward(d)
 
-    def forward(self, x, context=None, store=None):
+    def forward(self, x, context=None, store=None, cheap=False):
         x = x + self.attn1(self.norm1(x), store=store)
         x = x + self.attn2(self.norm2(x), context, store=store)
-        return x + self.ff(self.norm3(x))
+        return x + self.ff(self.norm3(x), cheap)
 
 
 class Transformer2DModel(nn.Module):
@@ -230,10 +270,10 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
         self.proj_out = nn.Linear(c, c)
 
-    def forward(self, x, context, store=None):
+    def forward(self, x, context, store=None, cheap=False):
         bf, c, h, w = x.shape
         t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c
-        t = self.transformer_blocks[0](self.proj_in(t), context, store)
+        t = self.transformer_blocks[0](self.proj_in(t), context, store, cheap)
         t = self.proj_out(t).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w
         return x + t
 
@@ -249,12 +289,12 @@ class TransformerTemporalModel(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(d, heads)])
         self.proj_out = nn.Linear(d, c)
 
-    def forward(self, x, f, store=None):
+    def forward(self, x, f, store=None, cheap=False):
         bf, c, h, w = x.shape
         b = bf // f
         t = self.norm(batch_to_frames(x, f))  # 5-D GroupNorm: statistics over all frames
         t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c
-        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store))
+        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store, cheap=cheap))
         t = t.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)  # (b h w) f c -> (b f) c h w
         return x + t
 
@@ -305,26 +345,30 @@ class UNetBlock3D(nn.Module):
         elif sampler == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(c)])
 
-    def _layer(self, i, x, temb, context, f, store, ckpt=False):
-        x = run_maybe_checkpointed(lambda x: self.temp_convs[i](self.resnets[i](x, temb), f), ckpt, x)
+    def _resnet(self, i, x, temb, f, ckpt, cheap):
+        return run_maybe_checkpointed(lambda x: self.temp_convs[i](self.resnets[i](x, temb, cheap), f, cheap), ckpt, x)
+
+    def _layer(self, i, x, temb, context, f, store, ckpt=False, cheap=False):
+        x = self._resnet(i, x, temb, f, ckpt, cheap)
         if hasattr(self, "attentions") and i < len(self.attentions):
-            x = run_maybe_checkpointed(self.attentions[i], ckpt, x, context, store)
+            x = run_maybe_checkpointed(lambda x: self.attentions[i](x, context, store, cheap), ckpt, x)
             if store is not None and store.done():
                 return x
-            x = run_maybe_checkpointed(self.temp_attentions[i], ckpt, x, f, store)
+            x = run_maybe_checkpointed(lambda x: self.temp_attentions[i](x, f, store, cheap), ckpt, x)
         return x
 
     def forward(self, x, temb, context, f, skips, store=None, checkpoint=False):
-        """Returns x; down blocks append to `skips`, up blocks pop from it."""
+        """Returns x; down blocks append to `skips`, up blocks pop from it. checkpoint: see `checkpoint_mode`."""
+        ckpt, cheap = checkpoint_mode(checkpoint)
         if self.kind == "mid":
-            x = self._layer(0, x, temb, context, f, store, checkpoint)
+            x = self._layer(0, x, temb, context, f, store, ckpt, cheap)
             if store is not None and store.done():
                 return x
-            return run_maybe_checkpointed(lambda x: self.temp_convs[1](self.resnets[1](x, temb), f), checkpoint, x)
+            return self._resnet(1, x, temb, f, ckpt, cheap)
         for i in range(len(self.resnets)):
             if self.kind == "up":
                 x = torch.cat([x, skips.pop()], dim=1)  # current features first, skip second
-            x = self._layer(i, x, temb, context, f, store, checkpoint)
+            x = self._layer(i, x, temb, context, f, store, ckpt, cheap)
             if store is not None and store.done():
                 return x
             if self.kind == "down":
@@ -374,8 +418,9 @@ class UNet3D(nn.Module):
         """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (b, l, d_ctx) -> (b, 4, f, h, w).
 
         With an AttentionStore, the wanted cross-attention probabilities are captured; with
-        store.truncate the forward stops after the last of them and returns None. `checkpoint` runs each
-        resnet+temporal conv and each transformer under activation checkpointing (same values and gradients).
+        store.truncate the forward stops after the last of them and returns None. `checkpoint` (for a pass with
+        a graph) is 'off' (False), 'cheap' (norms and activations recomputed in the backward) or 'full' (True:
+        each resnet+temporal conv and each transformer under activation checkpointing); same values and gradients.
         """
         b, _, f, h, w = sample.shape
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
@@ -383,7 +428,8 @@ class UNet3D(nn.Module):
         temb = temb.repeat_interleave(f, dim=0)  # b d -> (b f) d
         context = encoder_hidden_states.repeat_interleave(f, dim=0)  # b l d -> (b f) l d
         x = self.conv_in(frames_to_batch(sample))  # b c f h w -> (b f) c h w
-        x = run_maybe_checkpointed(self.transformer_in, checkpoint, x, f)
+        ckpt, cheap = checkpoint_mode(checkpoint)
+        x = run_maybe_checkpointed(lambda x: self.transformer_in(x, f, cheap=cheap), ckpt, x)
         skips = [x]
         for block in self.down_blocks:
             x = block(x, temb, context, f, skips, store, checkpoint)

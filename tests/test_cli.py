@@ -67,6 +67,20 @@ def test_same_seed_same_frames(tiny_model_dir, layout_file, tmp_path):
                               np.asarray(Image.open(os.path.join(c, "frames", "0000.png"))))
 
 
+def test_memory_modes_give_the_same_video(tiny_model_dir, layout_file, tmp_path):
+    """--checkpointing cheap / full change only what the guidance pass keeps for its backward, not the video."""
+    runs = {mode: run_cli(tiny_model_dir, tmp_path / mode, layout_file, "--checkpointing", mode)
+            for mode in ("off", "cheap", "full")}
+    for mode, folder in runs.items():
+        run = json.load(open(os.path.join(folder, "run.json")))
+        assert run["guidance_params"]["checkpointing"] == mode and run["guidance_history"]
+    off = [np.asarray(Image.open(os.path.join(runs["off"], "frames", f"{k:04d}.png"))) for k in range(4)]
+    for mode in ("cheap", "full"):
+        other = [np.asarray(Image.open(os.path.join(runs[mode], "frames", f"{k:04d}.png"))) for k in range(4)]
+        assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(off, other)), mode
+    assert lvd.parse_args(["--prompt", "x", "--checkpointing"]).checkpointing == "full"  # the flag alone
+
+
 def test_missing_model_folder_prints_download_command(layout_file, tmp_path, capsys):
     code = lvd.main(["--prompt", DEMO, "--model-dir", str(tmp_path / "nope"), "--layout", layout_file,
                      "--out", str(tmp_path), "--device", "cpu"])

@@ -306,7 +306,7 @@ def test_guidance_gradient_equals_the_official_pass_on_diffusers(zoo):
     g_ref = official_pass(ref, maps, x, 974, ctx, masks, positions, params)
     assert set(maps) == set(GUIDED)
     loss, g = A.LatentGuidance(ours, ctx, masks, positions, None, params).loss_and_grad(x, 974)
-    loss_ref = A.energy(maps, masks, positions, params)
+    loss_ref = A.energy(maps, masks, positions, params).detach()
     assert abs(float(loss) - float(loss_ref)) <= 1e-6 * float(loss_ref)
     print(f"guidance gradient vs the official pass on diffusers: rel L2 {rel_err(g, g_ref):.2e}")
     assert g_ref.abs().max() > 0 and rel_err(g, g_ref) <= TOL, rel_err(g, g_ref)
