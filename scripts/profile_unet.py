@@ -1,0 +1,197 @@
+"""Where the UNet's time goes on a GPU: a kernel-category profile of the CFG step and the guidance pass.
+
+Usage (CUDA, real 1.7B config, random weights, fp16): python scripts/profile_unet.py [--sizes 24x320x576]
+
+Prints, per size, the median ms of the CFG step (batch 2) and the truncated guidance pass (batch 1), and the
+share of CUDA time per kernel category (matmul, convolution, attention, normalisation, elementwise, copies)
+from torch.profiler, with the ten most expensive kernels. Used to pick the optimisations in
+results/perf-notes.md; it is a measuring tool, not a benchmark (bench.py is). Written on 2026-12-01 and not yet
+run: no GPU was lent that day. --variants also times cuDNN/efficient attention, a CUDA graph of the CFG step and
+channels-last 2-D convolutions; --diffusers times diffusers' CFG step and the official guidance pass.
+"""
+import argparse
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "scripts")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import attention  # noqa: E402
+from unet3d import UNet3D, UNet3DConfig  # noqa: E402
+
+CATEGORIES = [  # (category, regex over the kernel name), first match wins
+    ("attention", r"flash|fmha|attention|softmax|cudnn.*sdpa|mha"),
+    ("convolution", r"conv|implicit|wgrad|dgrad|fprop|winograd|nhwc|nchw"),
+    ("matmul", r"gemm|sm90|cutlass|matmul|xmma|ampere|hopper"),
+    ("normalisation", r"norm|welford|group|moments"),
+    ("copies", r"copy|transpose|permute|cat|elementwise_kernel_with_index|contiguous|memcpy|memset"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|mul|add|reduce|fill"),
+]
+
+
+def category(name):
+    low = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, low):
+            return cat
+    return "other"
+
+
+def median_ms(fn, runs=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def profile(fn, label):
+    from torch.profiler import ProfilerActivity, profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    per_cat, per_kernel, n = defaultdict(float), defaultdict(float), 0
+    for ev in p.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+        per_cat[category(ev.name)] += us
+        per_kernel[ev.name[:90]] += us
+        n += 1
+    total = sum(per_cat.values())
+    print(f"\n## {label}: {total / 1e3:.1f} ms of kernels, {n} launches")
+    for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:14s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {us / 1e3:7.1f} ms  [{category(name)}] {name}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="16x256x256,24x320x576")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also time channels-last, cuDNN attention, CUDA graphs")
+    ap.add_argument("--compile", action="store_true", help="with --variants: also time torch.compile")
+    ap.add_argument("--diffusers", action="store_true", help="also time diffusers (CFG step, official guidance pass)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet3D(UNet3DConfig()).half().eval().requires_grad_(False)
+    for size in args.sizes.split(","):
+        f, h, w = (int(v) for v in size.split("x"))
+        x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half)
+        ctx = torch.randn(2, 77, 1024, device="cuda", dtype=torch.half)
+        t = torch.tensor(999, device="cuda")
+        masks = attention.layer_masks([[[0.0, 0.5, 0.2, 0.7]] * f], (h // 8, w // 8))
+        masks = {k: v.cuda() for k, v in masks.items()}
+        params = attention.GuidanceParams()
+
+        def cfg_step():
+            with torch.no_grad():
+                return unet(torch.cat([x, x]), t, ctx)
+
+        def guidance_pass():
+            store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=True)
+            with torch.enable_grad():
+                z = x.detach().requires_grad_(True)
+                unet(z, t, ctx[1:], store=store)
+                loss = attention.energy(store.maps, masks, [[1]], params)
+                return torch.autograd.grad(loss, z)[0]
+
+        print(f"\n# {size}: CFG step {median_ms(cfg_step):.1f} ms, guidance pass {median_ms(guidance_pass):.1f} ms",
+              flush=True)
+        if not args.no_profile:
+            profile(cfg_step, f"{size} CFG step (batch 2)")
+            profile(guidance_pass, f"{size} guidance pass (batch 1)")
+        if args.variants:
+            variants(unet, cfg_step, guidance_pass, x, t, ctx, args.compile)
+        if args.diffusers:
+            ref = diffusers_unet(unet)
+            from official_guidance import install, official_pass
+            with torch.no_grad():
+                ms = median_ms(lambda: ref(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample)
+            maps = install(ref)
+            ms_g = median_ms(lambda: official_pass(ref, maps, x, t, ctx[1:], masks, [[1]], params))
+            torch.cuda.reset_peak_memory_stats()
+            official_pass(ref, maps, x, t, ctx[1:], masks, [[1]], params)
+            gib = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"  diffusers: CFG step {ms:.1f} ms; official guidance pass {ms_g:.1f} ms, peak {gib:.2f} GiB", flush=True)
+            del ref, maps
+            torch.cuda.empty_cache()
+
+
+def diffusers_unet(unet):
+    from diffusers import UNet3DConditionModel
+    from gpu_parity_unet import REAL
+    with torch.device("cuda"):
+        ref = UNet3DConditionModel(**REAL).half().eval().requires_grad_(False)
+    ref.load_state_dict(unet.state_dict())
+    return ref
+
+
+def variants(unet, cfg_step, guidance_pass, x, t, ctx, compile_too=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, bk in (("cudnn attention", SDPBackend.CUDNN_ATTENTION), ("efficient attention", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([bk, SDPBackend.FLASH_ATTENTION]):
+                print(f"  {name}: CFG step {median_ms(cfg_step):.1f} ms, guidance {median_ms(guidance_pass):.1f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 (exploration)
+            print(f"  {name}: failed {type(e).__name__}: {str(e)[:200]}")
+    # CUDA graph of the CFG step
+    try:
+        x2 = torch.cat([x, x])
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                unet(x2, t, ctx)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), torch.no_grad():
+            out = unet(x2, t, ctx)
+        print(f"  CUDA graph: CFG step {median_ms(g.replay):.1f} ms", flush=True)
+        del g, out
+    except Exception as e:  # noqa: BLE001
+        print(f"  CUDA graph: failed {type(e).__name__}: {str(e)[:200]}")
+    # channels-last 2-D convolutions
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    for m in convs:
+        m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
+    print(f"  channels-last conv2d weights: CFG step {median_ms(cfg_step):.1f} ms, "
+          f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
+    for m in convs:
+        m.weight.data = m.weight.data.contiguous()
+    if not compile_too:
+        return
+    try:
+        import time as _t
+        t0 = _t.perf_counter()
+        fast = torch.compile(unet, dynamic=False)
+        with torch.no_grad():
+            fast(torch.cat([x, x]), t, ctx)
+        c_s = _t.perf_counter() - t0
+        with torch.no_grad():
+            ms = median_ms(lambda: fast(torch.cat([x, x]), t, ctx))
+        print(f"  torch.compile: CFG step {ms:.1f} ms (compile {c_s:.0f} s)", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"  torch.compile: failed {type(e).__name__}: {str(e)[:200]}")
+
+
+if __name__ == "__main__":
+    main()
