@@ -259,3 +259,29 @@ def test_plan_prefers_shipped_examples_unless_disabled(serve, monkeypatch):
     assert script.requests == []
     assert planner.plan(demo, url, "tiny", examples=None, **FAST).background == "park"
     assert len(script.requests) == 1
+
+
+# -----------------------------------------------------------------------------
+# the CLI plans through the server
+
+def test_cli_plans_with_llm_flags_and_prints_the_summary_first(serve, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    import lvd
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    url, script = serve(ok(GOOD))
+    cache = tmp_path / "cache.json"
+    argv = ["--prompt", "A dog runs to the right", "--llm-base-url", url, "--llm-model", "tiny-llm",
+            "--llm-cache", str(cache), "--model-dir", tiny_model_dir, "--frames", "2", "--height", "32",
+            "--width", "32", "--steps", "2", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert lvd.main(argv) == 0
+    err = capsys.readouterr().err
+    assert len(script.requests) == 1 and script.requests[0]["json"]["model"] == "tiny-llm"
+    assert script.requests[0]["path"] == "/v1/chat/completions"
+    assert "layout for 'A dog runs to the right'" in err and "'dog'" in err
+    assert err.index("layout for") < err.index("denoising")  # printed before sampling
+    (run,) = os.listdir(tmp_path / "out")
+    saved = planner.Layout.load(tmp_path / "out" / run / "layout.json")
+    assert saved == planner.parse_layout(GOOD, "A dog runs to the right")
+    assert planner.LayoutCache(cache).get("A dog runs to the right", 0, "tiny-llm", planner.TEMPLATE_VERSION) == GOOD
+    assert lvd.main(argv) == 0 and len(script.requests) == 1  # the second run reads the cache
