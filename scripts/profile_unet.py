@@ -12,7 +12,6 @@ channels-last 2-D convolutions; --diffusers times diffusers' CFG step and the of
 import argparse
 import os
 import re
-import statistics
 import sys
 from collections import defaultdict
 
@@ -24,6 +23,7 @@ for p in (ROOT, os.path.join(ROOT, "scripts")):
         sys.path.insert(0, p)
 
 import attention  # noqa: E402
+from bench import cuda_ms  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 CATEGORIES = [  # (category, regex over the kernel name), first match wins
@@ -44,19 +44,8 @@ def category(name):
     return "other"
 
 
-def median_ms(fn, runs=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def median_ms(fn, runs=10):
+    return cuda_ms(fn, runs, warmup=3)[0]  # bench.py's timer: CUDA events, warm-up, median
 
 
 def profile(fn, label):
