@@ -358,7 +358,7 @@ def parse_args(argv=None):
         g.add_argument("--" + knob.replace("_", "-"), type=float, help=lvd.knob_help(knob))
     g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
                    help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
-                        "backward (about -20%% activation memory); 'full' (the flag alone) checkpoints every block "
+                        "backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every block "
                         "(576x320x24 fits a 24 GB card)")
     p = ap.add_argument_group("planner (used for prompts missing from --layout-cache)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"))

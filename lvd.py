@@ -314,7 +314,7 @@ def parse_args(argv=None):
         g.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
     g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
                    help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
-                        "backward (about -20%% activation memory); 'full' (the flag alone) checkpoints every block "
+                        "backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every block "
                         "(576x320x24 fits a 24 GB card)")
     g.add_argument("--save-attention", action="store_true", help="write attention-map grids per object")
     p = ap.add_argument_group("planner (LLM over HTTP; any OpenAI-compatible server)")

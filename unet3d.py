@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from attention import attend
+from memory import Conv2d, Conv3d, checkpoint_mode, recompute, run_maybe_checkpointed
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
 
 
@@ -99,50 +99,6 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
 
-def run_maybe_checkpointed(fn, ckpt, *args):
-    """fn(*args); with `ckpt` (and grad on) under activation checkpointing: the activations inside fn are
-    recomputed in the backward instead of kept (the LVD guidance pass, `lvd-method.md` §10.15)."""
-    if ckpt and torch.is_grad_enabled():
-        return _checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def checkpoint_mode(checkpoint):
-    """False/'off': keep every activation; 'cheap': recompute only norms and activations (below); True/'full':
-    checkpoint every resnet+temporal conv and every transformer. -> (full, cheap)."""
-    mode = {False: "off", True: "full", None: "off"}.get(checkpoint, checkpoint)
-    if mode not in ("off", "cheap", "full"):
-        raise ValueError(f"checkpointing must be 'off', 'cheap' or 'full', got {checkpoint!r}")
-    return mode == "full", mode == "cheap"
-
-
-class _Recompute(torch.autograd.Function):
-    """y = fn(x) keeping only x for the backward, which recomputes fn. For frozen weights only (no weight grads)."""
-
-    @staticmethod
-    def forward(ctx, fn, x):
-        ctx.fn = fn
-        ctx.save_for_backward(x)
-        return fn(x)  # autograd records nothing inside a Function's forward
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            y = ctx.fn(x)
-        return None, torch.autograd.grad(y, x, grad)[0]
-
-
-def recompute(fn, x, cheap):
-    """fn(x), where fn is cheap elementwise or normalisation work (GroupNorm -> SiLU, GEGLU's gate). With `cheap`
-    (and a graph being built) its output is not kept for the backward but recomputed there from x: the guidance
-    pass's 'cheap' memory mode. Same values and gradients (tested); inference only."""
-    if cheap and torch.is_grad_enabled() and x.requires_grad:
-        return _Recompute.apply(fn, x)
-    return fn(x)
-
-
 # -----------------------------------------------------------------------------
 # layers
 
@@ -162,12 +118,12 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, c_in, c_out, temb_channels=None, groups=32, eps=1e-5):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, c_out) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(0.0)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x, temb=None, cheap=False):
         h = self.conv1(recompute(lambda x: F.silu(self.norm1(x)), x, cheap))
@@ -185,7 +141,7 @@ class TemporalConvLayer(nn.Module):
 
     def __init__(self, c, groups=32):
         super().__init__()
-        conv = lambda: nn.Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0))
+        conv = lambda: Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0))
         self.conv1 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), conv())
         self.conv2 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
         self.conv3 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
@@ -302,7 +258,7 @@ class TransformerTemporalModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, c, padding=1):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
+        self.conv = Conv2d(c, c, 3, stride=2, padding=padding)
 
     def forward(self, x):
         return self.conv(x)
@@ -311,7 +267,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = Conv2d(c, c, 3, padding=1)
 
     def forward(self, x, size):
         """Nearest upsampling to `size` (×2, or the next skip's exact size for odd latents), then conv."""
@@ -390,7 +346,7 @@ class UNet3D(nn.Module):
         self.config = cfg
         ch, temb = cfg.block_out_channels, 4 * cfg.block_out_channels[0]
         L, groups = cfg.layers_per_block, cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.transformer_in = TransformerTemporalModel(ch[0], 8, cfg.attention_head_dim, groups)
         self.down_blocks = nn.ModuleList()
@@ -409,7 +365,7 @@ class UNet3D(nn.Module):
             sampler = "up" if i < len(ch) - 1 else None
             self.up_blocks.append(UNetBlock3D("up", io, c, cfg, temb, kind.startswith("CrossAttn"), sampler))
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         for name, m in self.named_modules():
             if isinstance(m, Attention):
                 m.path = name  # e.g. "up_blocks.2.attentions.2.transformer_blocks.0.attn2"

@@ -6,9 +6,12 @@ the latents) and §10.15 (the official code keeps the whole graph); results/perf
 Method: the real 1.7B config with random weights, one guidance pass (truncated after the last guided layer, as
 lvd runs it) under `torch.autograd.graph.saved_tensors_hooks`. Every tensor that autograd saves is attributed
 to the innermost named module running when it was saved, and counted once per storage, at 2 bytes per element
-(fp16, as on the GPU). The ops save the same tensors on the CPU as on CUDA (convolution and linear inputs,
-GroupNorm inputs and statistics, SiLU/GELU inputs, SDPA's q, k, v, output and log-sum-exp), so the count is a
-device-independent model of the GPU's activation memory; it leaves out the transient buffers of the backward.
+(fp16, as on the GPU); weights are left out. The ops save the same tensors on the CPU as on CUDA (GroupNorm and
+LayerNorm inputs and statistics, SiLU/GELU inputs, SDPA's q, k, v, output and log-sum-exp; a frozen Linear keeps no
+input, and lvd's convolutions keep none either, see memory.py), so the count is a device-independent model of the
+GPU's activation memory; it leaves out the transient buffers of the backward. Checked against the GPU: the count
+for the plain pass at 24x40x72 before memory.py's convolutions, 17.49 GiB, matches the 17.41 GiB that an H100
+measured above the models (results/bench-h100.md).
 Activations grow linearly with frames × height × width, so a small frame count is measured and scaled.
 
 Usage: python scripts/saved_activations.py [--latent 2x40x72] [--scale-to 24x40x72] [--checkpointing off,cheap,full]
