@@ -288,7 +288,9 @@ def check_device(device):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="lvd.py", description="LLM-grounded Video Diffusion: text -> layout -> video.",
-                                 formatter_class=HelpFormatter)
+                                 formatter_class=HelpFormatter,
+                                 epilog="Batch mode: `[torchrun --nproc-per-node N] lvd.py --prompts FILE|benchmark "
+                                        "--out DIR` runs batch.py (see `python batch.py --help`).")
     ap.add_argument("--prompt", required=True, help="what the video shows")
     ap.add_argument("--model", choices=sorted(MODELS), default="modelscope",
                     help="ModelScope 1.7B (256x256, 16 frames) or its Zeroscope v2 576w fine-tune (576x320, 24)")
@@ -368,6 +370,10 @@ def check_writable(folder):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--prompts" or a.startswith("--prompts=") for a in argv):  # batch mode: batch.py's CLI
+        import batch
+        return batch.main(argv)
     args = parse_args(argv)
     if check_writable(args.out):
         print(f"lvd: error: {check_writable(args.out)}", file=sys.stderr)

@@ -135,6 +135,15 @@ def test_failures_are_recorded_and_the_rank_moves_on(tiny_model_dir, tmp_path, m
     assert [r["status"] for r in read_jsonl(out / "index.jsonl")] == ["failed", "failed", "skipped"]
 
 
+def test_lvd_py_with_prompts_is_the_batch_mode(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--prompts", write_prompts(tmp_path / "p.txt", PROMPTS[:1]), "--out", str(out), "--guidance", "off",
+            "--model-dir", tiny_model_dir, *SIZE]
+    assert lvd.main(argv) == 0
+    (rec,) = read_jsonl(out / "index.jsonl")
+    assert rec["status"] == "done" and rec["job"] == batch.make_jobs(str(tmp_path / "p.txt"), [0])[0].name
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert batch.main(["--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
