@@ -2,6 +2,7 @@
 
 Usage (on a CUDA machine with diffusers importable):
     python bench.py --out results/bench.md [--sizes 16x256x256,24x320x576] [--runs 10] [--no-diffusers]
+    python bench.py --smoke --out /tmp/bench.md     (every code path on the tiny model on the CPU; tests/test_bench.py)
 
 Measures, per size (frames × height × width), in fp16:
   (a) the CFG UNet step (batch 2): lvd eager, lvd fast path (`--fast`, torch.compile), diffusers' UNet3DConditionModel;
@@ -38,9 +39,17 @@ DEMO_PROMPT = "A bear walks from the left to the right"
 
 
 def cuda_ms(fn, runs, warmup=2):
-    """Median ms of fn() over `runs` runs (CUDA events), and (peak GiB allocated, of which above the resident models)."""
+    """Median ms of fn() over `runs` runs (CUDA events), and (peak GiB allocated, of which above the resident models).
+    Without CUDA (the --smoke run): wall-clock ms and no memory figures."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(times), (None, None)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -59,11 +68,15 @@ def cuda_ms(fn, runs, warmup=2):
 def wall_s(fn):
     """Seconds of one call of fn() (after one warm-up call), and (peak GiB, of which above the resident models)."""
     fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     out = fn()
+    if not cuda:
+        return time.perf_counter() - t, (None, None), out
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return time.perf_counter() - t, (peak / 2 ** 30, (peak - base) / 2 ** 30), out
@@ -76,7 +89,14 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+def throughput(fl, ms, peak):
+    """'163 TFLOP/s, 21% of bf16 peak' (no percentage without a measured peak)."""
+    return f"{fl / ms / 1e9:.0f} TFLOP/s" + (f", {100 * fl / ms / 1e9 / peak:.0f}% of bf16 peak" if peak else "")
+
+
 def matmul_peak_tflops():
+    if not torch.cuda.is_available():
+        return None
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms, _ = cuda_ms(lambda: a @ b, 10, warmup=3)
@@ -86,24 +106,24 @@ def matmul_peak_tflops():
 def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     """(a)-(d) for lvd at one size, with only lvd's models resident."""
     size = f"{f}x{h}x{w}"
-    x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=pipe.dtype)
+    x = torch.randn(1, 4, f, h // 8, w // 8, device=pipe.device, dtype=pipe.dtype)
     text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
-    t, x2 = torch.tensor(999, device="cuda"), torch.cat([x, x])
+    t, x2 = torch.tensor(999, device=pipe.device), torch.cat([x, x])
     with torch.no_grad():  # (a) the CFG UNet step
         fl = flops(lambda: pipe.unet(x2, t, text))
         base_ms, gib = cuda_ms(lambda: pipe.unet(x2, t, text), args.runs)
-        row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib, extra=f"{fl / base_ms / 1e9:.0f} TFLOP/s, "
-            f"{100 * fl / base_ms / 1e9 / peak:.0f}% of bf16 peak; {fl / 2e12:.2f} TFLOP per batch-1 forward")
+        row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib,
+            extra=f"{throughput(fl, base_ms, peak)}; {fl / 2e12:.2f} TFLOP per batch-1 forward")
         if args.fast:
             fast = torch.compile(pipe.unet, dynamic=False)
             ms, gib = cuda_ms(lambda: fast(x2, t, text), args.runs, warmup=3)
             row(size, "CFG UNet step (batch 2)", "lvd torch.compile", ms, gib,
-                extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of peak, {base_ms / ms:.2f}x eager")
+                extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager")
     # (b) one guidance pass
     params = attention.preset("benchmark")
     guide, final_prompt = attention.guidance_for_layout(pipe, DEMO_PROMPT, layout, f, h, w, params)
     guide.cond = lvd.encode_text(pipe, [final_prompt])
-    masks = {p: m.cuda() for p, m in guide.masks.items()}
+    masks = {p: m.to(pipe.device) for p, m in guide.masks.items()}
 
     def official():  # full forward, graph kept, then the same energy and gradient
         store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=False)
@@ -125,16 +145,17 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
             extra=f"{ms_off / ms:.2f}x the official speed ({ms / ms_off:.2f}x its time)")
     if args.no_video:
         return
+    n = args.steps
     for label, gp in (("lvd", params), *((lb, dataclasses.replace(params, checkpointing=m)) for lb, m in modes)):
         forced = dataclasses.replace(gp, loss_threshold=-1.0)  # (c) 10 x 5 passes forced
         info = {}
-        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, 40, guidance=forced, info=info))
-        row(size, "guided video (40 steps, 50 passes, decode)", label, s=s, gib=gib,
+        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, n, guidance=forced, info=info))
+        row(size, f"guided video ({n} steps, {5 * min(n, 10)} passes, decode)", label, s=s, gib=gib,
             extra=f"{len(info['guidance_history'])} guidance passes; decode {info['decode_s']:.2f} s")
     info = {}  # (d) an unguided video
-    s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, 40, info=info))
-    row(size, "unguided video (40 steps, decode)", "lvd", s=s, gib=gib,
-        extra=f"{info['denoise_s'] / 40 * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
+    s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, n, info=info))
+    row(size, f"unguided video ({n} steps, decode)", "lvd", s=s, gib=gib,
+        extra=f"{info['denoise_s'] / n * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
 
 
 def diffusers_rows(model_dir, sizes, layout, args, peak, row):
@@ -144,26 +165,29 @@ def diffusers_rows(model_dir, sizes, layout, args, peak, row):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
     import official_guidance
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
-    ref = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16", torch_dtype=torch.float16).to("cuda")
+    half = args.dtype == torch.float16
+    ref = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16" if half else None,
+                                                torch_dtype=args.dtype).to(args.device)
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     ref.vae.enable_slicing()  # frame-by-frame decoding, as the official LVD code and lvd do
     for f, h, w in sizes:
         size = f"{f}x{h}x{w}"
-        x = torch.randn(2, 4, f, h // 8, w // 8, device="cuda", dtype=torch.float16)
-        text = torch.cat(ref.encode_prompt(DEMO_PROMPT, "cuda", 1, True, lvd.NEGATIVE_PROMPT)[::-1])
-        t = torch.tensor(999, device="cuda")
+        x = torch.randn(2, 4, f, h // 8, w // 8, device=args.device, dtype=args.dtype)
+        text = torch.cat(ref.encode_prompt(DEMO_PROMPT, args.device, 1, True, lvd.NEGATIVE_PROMPT)[::-1])
+        t = torch.tensor(999, device=args.device)
         with torch.no_grad():
             fl = flops(lambda: ref.unet(x, t, encoder_hidden_states=text).sample)
             ms, gib = cuda_ms(lambda: ref.unet(x, t, encoder_hidden_states=text).sample, args.runs)
         row(size, "CFG UNet step (batch 2)", "diffusers UNet3DConditionModel", ms, gib,
-            extra=f"{fl / ms / 1e9:.0f} TFLOP/s, {100 * fl / ms / 1e9 / peak:.0f}% of bf16 peak")
+            extra=throughput(fl, ms, peak))
         # (b) the official guidance pass on diffusers' UNet (explicit maps in the six layers, full forward, graph kept)
         tracks = layout.object_boxes(f)
         final, positions, _ = attention.resolve_tokens(tokenizer, DEMO_PROMPT, layout.background,
                                                        [tr.name for tr in tracks])
-        masks = {p: m.cuda() for p, m in attention.layer_masks([tr.boxes for tr in tracks], (h // 8, w // 8)).items()}
-        cond = ref.encode_prompt(final, "cuda", 1, False)[0]
+        masks = {p: m.to(args.device) for p, m in
+                 attention.layer_masks([tr.boxes for tr in tracks], (h // 8, w // 8)).items()}
+        cond = ref.encode_prompt(final, args.device, 1, False)[0]
         maps = official_guidance.install(ref.unet)
         params = attention.preset("benchmark")
         ms, gib = cuda_ms(lambda: official_guidance.official_pass(ref.unet, maps, x[:1], t, cond, masks, positions,
@@ -174,13 +198,14 @@ def diffusers_rows(model_dir, sizes, layout, args, peak, row):
         if args.no_video:
             continue
         call = lambda out: ref(DEMO_PROMPT, negative_prompt=lvd.NEGATIVE_PROMPT, num_frames=f, height=h, width=w,
-                               num_inference_steps=40, output_type=out)
+                               num_inference_steps=args.steps, output_type=out)
         s_lat, _, _ = wall_s(lambda: call("latent"))
         s, gib, _ = wall_s(lambda: call("np"))
-        row(size, "unguided video (40 steps, decode)", "diffusers TextToVideoSDPipeline", s=s, gib=gib,
-            extra=f"{s_lat / 40 * 1e3:.1f} ms/step; decode {s - s_lat:.2f} s")
+        row(size, f"unguided video ({args.steps} steps, decode)", "diffusers TextToVideoSDPipeline", s=s, gib=gib,
+            extra=f"{s_lat / args.steps * 1e3:.1f} ms/step; decode {s - s_lat:.2f} s")
     del ref
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -188,13 +213,21 @@ def main(argv=None):
     ap.add_argument("--model-dir", help="a full-size model folder; made with random weights when missing")
     ap.add_argument("--sizes", default="16x256x256,24x320x576", help="frames x height x width, comma-separated")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=40, help="denoising steps of the whole-video measurements")
     ap.add_argument("--out", default="results/bench.md")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-video", action="store_true", help="skip the whole-video measurements (c), (d)")
     ap.add_argument("--fast", action="store_true", help="also measure the torch.compile fast path")
+    ap.add_argument("--smoke", action="store_true", help="check this script: the tiny model on the CPU, fp32, "
+                    "one run, 2x32x32 (its numbers mean nothing)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "lvd-full-random")
+    args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
+    if args.smoke:
+        args.sizes, args.runs, args.steps = "2x32x32", 1, 2
+        model_dir = args.model_dir or make_tiny(tempfile.mkdtemp(prefix="lvd-bench-smoke-"), seed=0, fp16_variants=True)
+    else:
+        model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "lvd-full-random")
     if not os.path.isdir(model_dir):
         t = time.perf_counter()
         make_tiny(model_dir, seed=0, fp16_variants=True, full=True, device="cuda")
@@ -207,20 +240,23 @@ def main(argv=None):
         rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))
         print(f"{size} | {what} | {impl} | {ms} ms | {gib} GiB | {s} s | {extra}", file=sys.stderr, flush=True)
 
-    pipe = lvd.load_pipeline(model_dir, "cuda", torch.float16)
+    pipe = lvd.load_pipeline(model_dir, args.device, args.dtype)
     layout = planner.plan(DEMO_PROMPT)  # the shipped example layout (no LLM needed)
     for f, h, w in sizes:
         lvd_rows(pipe, layout, f, h, w, args, peak, row)
     del pipe
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if not args.no_diffusers:
         diffusers_rows(model_dir, sizes, layout, args, peak, row)
 
     fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"
-    lines = [f"# lvd benchmark: {torch.cuda.get_device_name()}, {datetime.date.today()}",
-             "", f"torch {torch.__version__}; fp16; real 1.7B config, random weights; median of {args.runs} runs "
-             f"(CUDA events); measured bf16 matmul peak {peak:.0f} TFLOP/s. Peak GiB is all memory allocated by "
-             "PyTorch (models included); 'above models' excludes the resident weights.", "",
+    where = "CPU smoke run of the tiny model (numbers mean nothing)" if args.smoke else torch.cuda.get_device_name()
+    lines = [f"# lvd benchmark: {where}, {datetime.date.today()}",
+             "", f"torch {torch.__version__}; {str(args.dtype)[6:]}; {'tiny' if args.smoke else 'real 1.7B'} config, "
+             f"random weights; median of "
+             f"{args.runs} runs (CUDA events); measured bf16 matmul peak {peak or 0:.0f} TFLOP/s. Peak GiB is all memory "
+             "allocated by PyTorch (models included); 'above models' excludes the resident weights.", "",
              "| size (f×h×w) | what | implementation | ms | peak GiB | above models GiB | s | notes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows.sort(key=lambda r: [s[0] for s in sizes].index(int(r[0].split("x")[0])))
