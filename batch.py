@@ -52,6 +52,9 @@ import lvd
 import planner
 
 
+RELEASED_GPT4 = planner.EXAMPLES_PATH.parent / "benchmark_gpt-4-1106-preview.json"  # the paper's layouts (§7)
+
+
 class BatchError(Exception):
     """A bad prompts file, seed list, output folder or layout cache; the CLI prints it."""
 
@@ -336,7 +339,8 @@ def parse_args(argv=None):
                     "(default: 0,500 for the benchmark, else 0)")
     ap.add_argument("--limit", type=int, help="only N prompts, spread evenly over the list")
     ap.add_argument("--layout-cache", help="read-only layout cache tried first: the official {prompt: [reply, ...]} "
-                    "format or ours (choose the model with --llm-model if it holds several)")
+                    "format or ours (choose the model with --llm-model if it holds several); for the benchmark, "
+                    "the released GPT-4 layouts shipped in data/layouts/ unless 'none'")
     ap.add_argument("--dist-timeout", type=float, default=360.0, help="minutes a rank waits for the others")
     ap.add_argument("--model", choices=sorted(lvd.MODELS), default="modelscope")
     ap.add_argument("--model-dir", help="diffusers-layout weights folder (default: models/<model>)")
@@ -368,6 +372,10 @@ def parse_args(argv=None):
     bench = args.prompts == "benchmark"
     args.seeds = args.seeds or ("0,500" if bench else "0")
     args.guidance = args.guidance or ("benchmark" if bench else "weak")
+    if args.layout_cache is None and bench:
+        args.layout_cache = str(RELEASED_GPT4)
+    elif args.layout_cache in ("none", ""):
+        args.layout_cache = None
     preset = lvd.MODELS[args.model]
     for k in ("frames", "height", "width"):
         if getattr(args, k) is None:

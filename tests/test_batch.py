@@ -84,14 +84,22 @@ def test_scan_finds_finished_jobs_and_removes_temp_folders(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([".other.abc", a.name, b.name])
 
 
-@pytest.mark.filterwarnings("ignore::planner.LayoutWarning")
-def test_benchmark_layouts_from_the_official_cache(tmp_path):
+def test_the_shipped_gpt4_layouts_are_the_released_ones():
     path = SHARED / "data" / "lvd-llm-cache" / "benchmark_gpt-4-1106-preview.json"
     if not path.exists():
         pytest.skip(f"../shared not present (user clone): {path} is needed for this test")
+    assert batch.RELEASED_GPT4.read_bytes() == path.read_bytes()
+    released = json.loads(batch.RELEASED_GPT4.read_text(encoding="utf-8"))
+    assert len(released) == 184 and sum(map(len, released.values())) == 500
+
+
+@pytest.mark.filterwarnings("ignore::planner.LayoutWarning")
+def test_benchmark_layouts_from_the_official_cache(tmp_path):
+    path = batch.RELEASED_GPT4  # the default layout cache of --prompts benchmark
     released = json.loads(path.read_text(encoding="utf-8"))
-    args = batch.parse_args(["--prompts", "benchmark", "--out", str(tmp_path), "--layout-cache", str(path),
-                             "--llm-cache", str(tmp_path / "c.json")])
+    args = batch.parse_args(["--prompts", "benchmark", "--out", str(tmp_path), "--llm-cache", str(tmp_path / "c.json")])
+    assert args.layout_cache == str(path)
+    assert batch.parse_args(["--prompts", "benchmark", "--out", "x", "--layout-cache", "none"]).layout_cache is None
     assert args.guidance == "benchmark" and args.seeds == "0,500"
     layouts = batch.Layouts(args)
     jobs = batch.make_jobs("benchmark", [500])
