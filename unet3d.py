@@ -12,6 +12,8 @@ Differences:
 - The module tree spells the diffusers checkpoint keys, so loading is strict with no rename table.
 - Every attention goes through `attention.attend`; an explicit `AttentionStore` passed to `forward`
   captures chosen cross-attention maps (LVD) and can stop the forward after the last one.
+- For a pass with a graph (LVD guidance) the convolutions keep no input, and `checkpoint` picks how much
+  more is recomputed in the backward instead of kept (memory.py); without a graph nothing changes.
 - No attention mask (diffusers accepts one and ignores it), no class labels, no LoRA / processors.
 - Inference only: dropout modules are kept so the keys keep their Sequential indices
   (`conv2.3`), and the model is always used in eval mode.
