@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memory import checkpoint_mode
+
 log = logging.getLogger(__name__)
 
 
@@ -309,8 +311,10 @@ class GuidanceParams:
             raise ValueError(f"GuidanceParams: fg_top_p/bg_top_p must be in (0, 1], got {self.fg_top_p}/{self.bg_top_p}")
         if min(self.loss_scale, self.max_iter, self.max_index_step, self.com_loss_scale) < 0:
             raise ValueError("GuidanceParams: loss_scale, max_iter, max_index_step, com_loss_scale must be >= 0")
-        if not any(self.checkpointing is v for v in (False, True)) and self.checkpointing not in ("off", "cheap", "full"):
-            raise ValueError(f"GuidanceParams: checkpointing must be 'off', 'cheap' or 'full', got {self.checkpointing!r}")
+        try:
+            checkpoint_mode(self.checkpointing)
+        except ValueError as e:
+            raise ValueError(f"GuidanceParams: {e}") from None
 
 
 PRESETS = {  # README commands of the official repo (§6); 'weak' thresholds per model: 16 vs 24 frames

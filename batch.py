@@ -358,12 +358,7 @@ def parse_args(argv=None):
     g = ap.add_argument_group("guidance (lvd-method.md §4.5-§6)")
     g.add_argument("--guidance", choices=["weak", "benchmark", "off"],
                    help="preset (default: benchmark for the benchmark, else weak); 'off' needs no layouts")
-    for knob in lvd.GUIDANCE_KNOBS:
-        g.add_argument("--" + knob.replace("_", "-"), type=float, help=lvd.knob_help(knob))
-    g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
-                   help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
-                        "backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every block "
-                        "(576x320x24 fits a 24 GB card)")
+    lvd.add_knob_args(g)
     p = ap.add_argument_group("planner (used for prompts missing from --layout-cache)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"))
     p.add_argument("--llm-model", default=None)
@@ -384,8 +379,9 @@ def parse_args(argv=None):
         ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
     if (args.limit is not None and args.limit < 1) or args.dist_timeout <= 0:
         ap.error("--limit and --dist-timeout must be positive")
-    if lvd.check_device(args.device):  # plain 'cuda' (one GPU per local rank) is checked per rank at start
-        ap.error(lvd.check_device(args.device))
+    bad_device = lvd.check_device(args.device)  # plain 'cuda' (one GPU per local rank) is checked per rank at start
+    if bad_device:
+        ap.error(bad_device)
     args.model_dir = args.model_dir or lvd.default_dest(args.model)
     args.dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     return args

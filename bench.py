@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -164,7 +165,9 @@ def diffusers_rows(model_dir, sizes, layout, args, peak, row):
     from diffusers.models.attention_processor import AttnProcessor2_0
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
     import official_guidance
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+    # guidance_for_layout needs only a tokenizer here: the same masks and token positions as lvd's rows
+    lvd_tokens = types.SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer")),
+                                       unet=None, schedule=None)
     half = args.dtype == torch.float16
     ref = TextToVideoSDPipeline.from_pretrained(model_dir, variant="fp16" if half else None,
                                                 torch_dtype=args.dtype).to(args.device)
@@ -182,16 +185,13 @@ def diffusers_rows(model_dir, sizes, layout, args, peak, row):
         row(size, "CFG UNet step (batch 2)", "diffusers UNet3DConditionModel", ms, gib,
             extra=throughput(fl, ms, peak))
         # (b) the official guidance pass on diffusers' UNet (explicit maps in the six layers, full forward, graph kept)
-        tracks = layout.object_boxes(f)
-        final, positions, _ = attention.resolve_tokens(tokenizer, DEMO_PROMPT, layout.background,
-                                                       [tr.name for tr in tracks])
-        masks = {p: m.to(args.device) for p, m in
-                 attention.layer_masks([tr.boxes for tr in tracks], (h // 8, w // 8)).items()}
+        params = attention.preset("benchmark")
+        guide, final = attention.guidance_for_layout(lvd_tokens, DEMO_PROMPT, layout, f, h, w, params)
+        masks = {p: m.to(args.device) for p, m in guide.masks.items()}
         cond = ref.encode_prompt(final, args.device, 1, False)[0]
         maps = official_guidance.install(ref.unet)
-        params = attention.preset("benchmark")
-        ms, gib = cuda_ms(lambda: official_guidance.official_pass(ref.unet, maps, x[:1], t, cond, masks, positions,
-                                                                  params), args.runs)
+        ms, gib = cuda_ms(lambda: official_guidance.official_pass(ref.unet, maps, x[:1], t, cond, masks,
+                                                                  guide.token_positions, params), args.runs)
         row(size, "guidance pass (fwd+bwd, batch 1)", "official approach on diffusers UNet3DConditionModel", ms, gib)
         ref.unet.set_attn_processor(AttnProcessor2_0())
         del maps

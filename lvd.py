@@ -261,6 +261,16 @@ def knob_help(knob):
     return f"{KNOB_TEXT[knob]} ({'; '.join(values)})"
 
 
+def add_knob_args(group):
+    """The guidance knobs (each overrides the preset's value) and --checkpointing; shared with batch.py."""
+    for knob in GUIDANCE_KNOBS:
+        group.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
+    group.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
+                       help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in "
+                            "the backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every "
+                            "block (576x320x24 fits a 24 GB card)")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds '(default: X)' where there is a default to show and the help text does not already give it."""
 
@@ -312,12 +322,7 @@ def parse_args(argv=None):
     g = ap.add_argument_group("guidance (lvd-method.md §4.5-§6)")
     g.add_argument("--guidance", choices=["weak", "benchmark", "off"], default="weak",
                    help="preset; 'off' is the plain ModelScope/Zeroscope baseline")
-    for knob in GUIDANCE_KNOBS:
-        g.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
-    g.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
-                   help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in the "
-                        "backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every block "
-                        "(576x320x24 fits a 24 GB card)")
+    add_knob_args(g)
     g.add_argument("--save-attention", action="store_true", help="write attention-map grids per object")
     p = ap.add_argument_group("planner (LLM over HTTP; any OpenAI-compatible server)")
     p.add_argument("--llm-base-url", default=os.environ.get("LVD_LLM_BASE_URL"),
@@ -331,8 +336,9 @@ def parse_args(argv=None):
             setattr(args, k, preset[k])
     if args.height % 8 or args.width % 8 or min(args.height, args.width, args.frames, args.steps) <= 0:
         ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
-    if check_device(args.device):
-        ap.error(check_device(args.device))
+    bad_device = check_device(args.device)
+    if bad_device:
+        ap.error(bad_device)
     args.model_dir = args.model_dir or default_dest(args.model)
     args.dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     return args
@@ -375,8 +381,9 @@ def main(argv=None):
         import batch
         return batch.main(argv)
     args = parse_args(argv)
-    if check_writable(args.out):
-        print(f"lvd: error: {check_writable(args.out)}", file=sys.stderr)
+    unwritable = check_writable(args.out)
+    if unwritable:
+        print(f"lvd: error: {unwritable}", file=sys.stderr)
         return 1
     try:
         return _main(args)

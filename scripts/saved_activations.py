@@ -41,8 +41,8 @@ def part_of(path):
     return bits[0] or "(top)", ""
 
 
-def measure(unet, f, h, w, checkpointing, threads=None):
-    """-> ({(block, kind): bytes at fp16}, total bytes) for one guidance pass at latent f×h×w."""
+def measure(unet, f, h, w, checkpointing):
+    """-> ({(block, kind): bytes at fp16}, total bytes, {module class: bytes}) for one guidance pass at latent f×h×w."""
     x = torch.randn(1, 4, f, h, w)
     ctx = torch.randn(1, 77, 1024)
     masks = attention.layer_masks([[[0.1, 0.3, 0.4, 0.8]] * f], (h, w))
@@ -75,8 +75,7 @@ def measure(unet, f, h, w, checkpointing, threads=None):
     finally:
         for hk in hooks:
             hk.remove()
-    measure.per_class = dict(per_class)
-    return dict(per_part), sum(per_part.values())
+    return dict(per_part), sum(per_part.values()), dict(per_class)
 
 
 def main(argv=None):
@@ -95,10 +94,10 @@ def main(argv=None):
     for name in args.checkpointing.split(","):
         results[name] = measure(unet, f, h, w, modes[name])
         print(f"{name}: {results[name][1] * scale / 2 ** 30:.2f} GiB at {args.scale_to}; by module class: " +
-              ", ".join(f"{k} {v * scale / 2 ** 30:.2f}" for k, v in sorted(measure.per_class.items(), key=lambda kv: -kv[1])),
+              ", ".join(f"{k} {v * scale / 2 ** 30:.2f}" for k, v in sorted(results[name][2].items(), key=lambda kv: -kv[1])),
               file=sys.stderr, flush=True)
     names = list(results)
-    parts = sorted({p for r, _ in results.values() for p in r}, key=lambda p: -results[names[0]][0].get(p, 0))
+    parts = sorted({p for r, _, _ in results.values() for p in r}, key=lambda p: -results[names[0]][0].get(p, 0))
     print(f"\nSaved activations of one guidance pass (fp16 bytes, measured at {args.latent}, scaled to {args.scale_to})\n")
     print("| part | kind | " + " | ".join(f"{n} GiB" for n in names) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in names) + " |")
