@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import graphs
 from memory import checkpoint_mode
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,9 @@ def resolve_tokens(tokenizer, prompt, background, phrases, max_len=77):
 # -----------------------------------------------------------------------------
 # the energy (§4.5)
 
-def _topk_mean(v, k):
-    """Mean of the k[f] largest entries along the last axis; v (f, p, n, N), k (f, 1, 1) -> (f, p, n)."""
-    k_max = int(k.max())
+def _topk_mean(v, k, k_max):
+    """Mean of the k[f] largest entries along the last axis; v (f, p, n, N), k (f, 1, 1) -> (f, p, n).
+    k_max >= every k[f], a host int known from shapes alone (no device sync: the pass can be a CUDA graph)."""
     top = v.topk(k_max, dim=-1).values  # (f, p, n, k_max), descending
     keep = torch.arange(k_max, device=v.device) < k[..., None]  # (f, 1, 1, k_max): the first k[f] of each frame
     return (top * keep).sum(-1) / k.to(v.dtype)
@@ -262,8 +263,9 @@ def energy_terms(maps, masks, token_positions, params):
             area = m.sum(-1).double()[:, None, None]  # |m| per frame, (f, 1, 1); k in float64 like Python's int(ρ·|m|)
             k_fg = (params.fg_top_p * area).floor().clamp(min=1)  # k_fg = max(1, ⌊ρ_fg·|m|⌋)
             k_bg = (params.bg_top_p * (hw - area)).floor().clamp(min=1)  # k_bg = max(1, ⌊ρ_bg·(N − |m|)⌋)
-            fg = 1 - _topk_mean(a_o * m[:, None, None], k_fg)  # fg_h = 1 − mean(topk_{k_fg}(A ⊙ m)), (f, p, n)
-            bg = _topk_mean(a_o * (1 - m[:, None, None]), k_bg)  # bg_h = mean(topk_{k_bg}(A ⊙ (1 − m)))
+            fg_max, bg_max = max(1, int(params.fg_top_p * hw)), max(1, int(params.bg_top_p * hw))  # |m| <= hw
+            fg = 1 - _topk_mean(a_o * m[:, None, None], k_fg, fg_max)  # fg_h = 1 − mean(topk_{k_fg}(A ⊙ m)), (f, p, n)
+            bg = _topk_mean(a_o * (1 - m[:, None, None]), k_bg, bg_max)  # bg_h = mean(topk_{k_bg}(A ⊙ (1 − m)))
             # E_box = w_fg·Σ_h fg_h + w_bg·Σ_h bg_h (heads summed); Σ_f Σ_p, then / |P_o|
             terms["fg"] = terms["fg"] + params.fg_weight * fg.sum() / len(pos)
             terms["bg"] = terms["bg"] + params.bg_weight * bg.sum() / len(pos)
@@ -347,7 +349,8 @@ class LatentGuidance:
     `names` and `suffixes` (from resolve_tokens) are only carried along for the run record.
     """
 
-    def __init__(self, unet, cond, masks, token_positions, schedule, params, names=(), suffixes=()):
+    def __init__(self, unet, cond, masks, token_positions, schedule, params, names=(), suffixes=(), fast=False,
+                 pool=None):
         missing = [p for p in GUIDED_LAYERS if p not in masks]
         if missing:
             raise ValueError(f"LatentGuidance: masks lack the guided layers {missing}")
@@ -356,6 +359,8 @@ class LatentGuidance:
         self.loss_prev = 10000.0 / params.loss_scale if params.loss_scale else math.inf  # L_prev (§4.6)
         self.history, self.last_maps = [], None
         self.names, self.suffixes = list(names), list(suffixes)
+        self.fast, self.pool = fast, pool  # fast: replay the pass from a CUDA graph (graphs.py) in a shared pool
+        self._graphed, self._device_masks = None, {}
 
     def __call__(self, x, i, t):
         p = self.params
@@ -374,17 +379,34 @@ class LatentGuidance:
             raise ValueError("LatentGuidance: set the conditional embedding `.cond` (1, 77, d) first")
         if x.dim() != 5 or x.shape[0] != 1:
             raise ValueError(f"LatentGuidance: latents must be (1, 4, f, h, w), got {tuple(x.shape)}")
+        key = (self.params, self.fast, self.pool)  # a new graph when what the pass does changes
+        if self._graphed is None or self._graphed_key != key:
+            self._graphed, self._graphed_key = graphs.Graphed(self._pass, self.fast, self.pool), key
+        t = torch.as_tensor(t, device=x.device)  # a device tensor: no host copy inside the pass
+        loss, g, *maps = self._graphed(x, t, self.cond)
+        self.last_maps = dict(zip(GUIDED_LAYERS, maps))
+        return loss, g
+
+    def _pass(self, x, t, cond):
+        """(L, ∇_z(s·L), the six maps (f, n, q, l)): tensors in and out, no host synchronisation (graphs.Graphed)."""
         store = AttentionStore(GUIDED_LAYERS, truncate=True)
         with torch.inference_mode(False), torch.enable_grad():
             z = x.detach().clone().requires_grad_(True)
-            cond = self.cond.clone()  # an ordinary tensor even if made under inference_mode
+            cond = cond.clone()  # an ordinary tensor even if made under inference_mode
             self.unet(z, t, cond, store=store, checkpoint=self.params.checkpointing)
             maps = {path: store.maps[path] for path in GUIDED_LAYERS}  # (b f) n q l, b = 1 -> f n q l
-            masks = {path: m.to(z.device) for path, m in self.masks.items()}
-            loss = energy(maps, masks, self.token_positions, self.params)
+            loss = energy(maps, self._masks_on(z.device), self.token_positions, self.params)
             (g,) = torch.autograd.grad(self.params.loss_scale * loss, z)  # g = ∇_z (s·L)
-        self.last_maps = {path: m.detach() for path, m in maps.items()}
-        return loss.detach(), g
+        return (loss.detach(), g, *(m.detach() for m in maps.values()))
+
+    def drop_graph(self):
+        """Free the captured graph and its memory (the sampler calls this once the guided steps are over)."""
+        self._graphed = None
+
+    def _masks_on(self, device):
+        if device not in self._device_masks:  # copied once, before any capture
+            self._device_masks[device] = {path: m.to(device) for path, m in self.masks.items()}
+        return self._device_masks[device]
 
     def step(self, x, t):
         """One guidance iteration at timestep t -> (updated latents, L measured before the update)."""
@@ -394,7 +416,7 @@ class LatentGuidance:
         return (x - math.sqrt(1.0 - alpha_bar) * g.to(x.dtype)).detach(), float(loss)  # z ← z − √(1 − ᾱ_t)·g
 
 
-def guidance_for_layout(pipe, prompt, layout, frames, height, width, params):
+def guidance_for_layout(pipe, prompt, layout, frames, height, width, params, fast=False, pool=None):
     """The pipeline's glue: -> (LatentGuidance whose `.cond` is still to be set, the final prompt).
 
     pipe: has tokenizer, unet, schedule; layout: planner.Layout (`object_boxes(frames)` -> tracks with
@@ -404,7 +426,8 @@ def guidance_for_layout(pipe, prompt, layout, frames, height, width, params):
     final, positions, suffixes = resolve_tokens(pipe.tokenizer, prompt, layout.background, names)
     boxes = np.stack([np.asarray(tr.boxes, dtype=np.float64) for tr in tracks]) if tracks else np.zeros((0, frames, 4))
     masks = layer_masks(boxes, (height // 8, width // 8))
-    return LatentGuidance(pipe.unet, None, masks, positions, pipe.schedule, params, names, suffixes), final
+    guide = LatentGuidance(pipe.unet, None, masks, positions, pipe.schedule, params, names, suffixes, fast, pool)
+    return guide, final
 
 
 # -----------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def run_job(pipe, job, args, guidance, layouts, rank, world):
                 info = {}
                 frames = lvd.generate(pipe, job.prompt, layout, args.frames, args.height, args.width, args.steps,
                                       args.cfg, args.negative_prompt, job.seed, args.solver, guidance,
-                                      vae_slice=args.vae_slice, info=info)
+                                      vae_slice=args.vae_slice, info=info, fast=args.fast)
                 timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
                 settings = {k: v for k, v in vars(args).items() if k != "seeds"}
                 settings.update(prompt=job.prompt, seed=job.seed, index=job.index, seed_offset=job.offset,

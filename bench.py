@@ -5,10 +5,11 @@ Usage (on a CUDA machine with diffusers importable):
     python bench.py --smoke --out /tmp/bench.md     (every code path on the tiny model on the CPU; tests/test_bench.py)
 
 Measures, per size (frames × height × width), in fp16:
-  (a) the CFG UNet step (batch 2): lvd eager, lvd fast path (`--fast`, torch.compile), diffusers' UNet3DConditionModel;
+  (a) the CFG UNet step (batch 2): lvd eager, lvd fast (a CUDA graph, graphs.py; `--compile`: also torch.compile),
+      diffusers' UNet3DConditionModel;
   (b) one guidance pass (cond-only forward + backward to the latents): lvd (truncated after the last guided layer,
       explicit probabilities only in the six guided layers), lvd with its two memory modes (--checkpointing cheap
-      and full), and the official
+      and full), each eager and fast (CUDA graph, with its error against eager), and the official
       approach (full forward, graph kept), both on lvd's UNet and on diffusers' UNet3DConditionModel with the
       official explicit-probability processor in the six layers (scripts/official_guidance.py; the official code
       runs a copy of diffusers' model, so the latter is the official implementation's cost);
@@ -31,6 +32,7 @@ import types
 import torch
 
 import attention
+import graphs
 import lvd
 import planner
 from text_encoder import CLIPTokenizer
@@ -42,6 +44,10 @@ DEMO_PROMPT = "A bear walks from the left to the right"
 def cuda_ms(fn, runs, warmup=2):
     """Median ms of fn() over `runs` runs (CUDA events), and (peak GiB allocated, of which above the resident models).
     Without CUDA (the --smoke run): wall-clock ms and no memory figures."""
+    if torch.cuda.is_available():  # base and peak include the warm-up (a graph's memory is taken there)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         fn()
     if not torch.cuda.is_available():
@@ -51,9 +57,6 @@ def cuda_ms(fn, runs, warmup=2):
             fn()
             times.append(1e3 * (time.perf_counter() - t))
         return statistics.median(times), (None, None)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(runs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,9 +69,10 @@ def cuda_ms(fn, runs, warmup=2):
     return statistics.median(times), (peak / 2 ** 30, (peak - base) / 2 ** 30)
 
 
-def wall_s(fn):
+def wall_s(fn, warmup=True):
     """Seconds of one call of fn() (after one warm-up call), and (peak GiB, of which above the resident models)."""
-    fn()
+    if warmup:
+        fn()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -81,6 +85,11 @@ def wall_s(fn):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return time.perf_counter() - t, (peak / 2 ** 30, (peak - base) / 2 ** 30), out
+
+
+def rel_err(a, b):
+    """Relative L2 error of a against b."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
 def flops(fn):
@@ -115,7 +124,13 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
         base_ms, gib = cuda_ms(lambda: pipe.unet(x2, t, text), args.runs)
         row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib,
             extra=f"{throughput(fl, base_ms, peak)}; {fl / 2e12:.2f} TFLOP per batch-1 forward")
-        if args.fast:
+        graphed = graphs.Graphed(lambda x2, t, text: pipe.unet(x2, t, text))  # the fast path (CUDA graphs)
+        ms, gib = cuda_ms(lambda: graphed(x2, t, text), args.runs)
+        err = rel_err(graphed(x2, t, text), pipe.unet(x2, t, text))
+        row(size, "CFG UNet step (batch 2)", "lvd fast (CUDA graph)", ms, gib,
+            extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager; rel. error to eager {err:.1e}")
+        del graphed
+        if args.compile:
             fast = torch.compile(pipe.unet, dynamic=False)
             ms, gib = cuda_ms(lambda: fast(x2, t, text), args.runs, warmup=3)
             row(size, "CFG UNet step (batch 2)", "lvd torch.compile", ms, gib,
@@ -135,28 +150,40 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
             return torch.autograd.grad(params.loss_scale * loss, z)[0]
     ms_off, gib = cuda_ms(official, args.runs)
     row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib)
-    ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
-    row(size, "guidance pass (fwd+bwd, batch 1)", "lvd (truncated, 6 explicit maps)", ms, gib,
-        extra=f"{ms_off / ms:.2f}x faster than the official approach")
-    modes = (("lvd --checkpointing cheap", "cheap"), ("lvd --checkpointing full", "full"))
-    for label, mode in modes:
-        guide.params = dataclasses.replace(params, checkpointing=mode)
-        ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
-        row(size, "guidance pass (fwd+bwd, batch 1)", label, ms, gib,
-            extra=f"{ms_off / ms:.2f}x the official speed ({ms / ms_off:.2f}x its time)")
+    guide.fast = False
+    loss_ref, g_ref = guide.loss_and_grad(x, t)
+    for fast in (False, True):
+        guide.fast, tag = fast, " fast (CUDA graph)" if fast else ""
+        for mode in ("off", "cheap", "full"):
+            guide.params = dataclasses.replace(params, checkpointing=mode)
+            ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
+            label = "lvd" + tag + ("" if mode == "off" else f" --checkpointing {mode}")
+            note = f"{ms_off / ms:.2f}x faster than the official approach" if ms < ms_off else \
+                f"{ms_off / ms:.2f}x the official speed ({ms / ms_off:.2f}x its time)"
+            if mode == "off" and not fast:
+                label += " (truncated, 6 explicit maps)"
+            if fast:
+                note += f"; gradient rel. error to eager {rel_err(guide.loss_and_grad(x, t)[1], g_ref):.1e}"
+            row(size, "guidance pass (fwd+bwd, batch 1)", label, ms, gib, extra=note)
+    del guide
     if args.no_video:
         return
     n = args.steps
-    for label, gp in (("lvd", params), *((lb, dataclasses.replace(params, checkpointing=m)) for lb, m in modes)):
-        forced = dataclasses.replace(gp, loss_threshold=-1.0)  # (c) 10 x 5 passes forced
+    videos = [("lvd", "off", False), ("lvd fast", "off", True), ("lvd fast --checkpointing cheap", "cheap", True),
+              ("lvd fast --checkpointing full", "full", True)]
+    for label, mode, fast in videos:  # (c) 10 x 5 passes forced; no warm-up: each video captures its own graphs
+        forced = dataclasses.replace(params, loss_threshold=-1.0, checkpointing=mode)
         info = {}
-        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, n, guidance=forced, info=info))
+        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, n, guidance=forced, info=info,
+                                                fast=fast), warmup=False)
         row(size, f"guided video ({n} steps, {5 * min(n, 10)} passes, decode)", label, s=s, gib=gib,
             extra=f"{len(info['guidance_history'])} guidance passes; decode {info['decode_s']:.2f} s")
-    info = {}  # (d) an unguided video
-    s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, n, info=info))
-    row(size, f"unguided video ({n} steps, decode)", "lvd", s=s, gib=gib,
-        extra=f"{info['denoise_s'] / n * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
+    for label, fast in (("lvd", False), ("lvd fast", True)):
+        info = {}  # (d) an unguided video
+        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, n, info=info, fast=fast),
+                           warmup=False)
+        row(size, f"unguided video ({n} steps, decode)", label, s=s, gib=gib,
+            extra=f"{info['denoise_s'] / n * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
 
 
 def diffusers_rows(model_dir, sizes, layout, args, peak, row):
@@ -217,7 +244,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench.md")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-video", action="store_true", help="skip the whole-video measurements (c), (d)")
-    ap.add_argument("--fast", action="store_true", help="also measure the torch.compile fast path")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet (slow to compile)")
     ap.add_argument("--smoke", action="store_true", help="check this script: the tiny model on the CPU, fp32, "
                     "one run, 2x32x32 (its numbers mean nothing)")
     args = ap.parse_args(argv)

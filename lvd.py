@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+import graphs
 import planner
 import sampler
 from text_encoder import CLIPTextEncoder, CLIPTokenizer
@@ -102,23 +103,28 @@ def initial_noise(seed, frames, height, width, device, dtype):
 
 def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=40, cfg_scale=9.0,
              negative_prompt=NEGATIVE_PROMPT, seed=0, solver="dpm", guidance=None, latents=None,
-             vae_slice=1, on_step=None, info=None):
+             vae_slice=1, on_step=None, info=None, fast=None):
     """Sample one video. Returns uint8 frames (f, H, W, 3).
 
     layout:   a planner.Layout; with `guidance` (attention.GuidanceParams) LVD's energy guidance runs.
     latents:  optional initial noise (1, 4, f, H/8, W/8); else drawn from `seed` (see initial_noise).
     on_step:  callable(info dict {'i', 't', 'x', 'x0_pred'}) after each solver step (progress, notebooks).
     info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
+    fast:     replay the CFG step and the guidance pass from CUDA graphs (graphs.py; same results);
+              None: on for CUDA.
     """
     if height % 8 or width % 8:
         raise LVDError(f"height and width must be multiples of 8, got {height}x{width}")
     info = {} if info is None else info
     if latents is None:
         latents = initial_noise(seed, frames, height, width, pipe.device, pipe.dtype)
+    fast = latents.is_cuda if fast is None else fast
+    pool = graphs.graph_pool() if fast else None  # one memory pool for both graphs (they never run at once)
     before_step, final_prompt = None, prompt
     if layout is not None and guidance is not None:
         import attention  # the guidance machinery, only needed for guided runs
-        before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width, guidance)
+        before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width,
+                                                                  guidance, fast, pool)
         info.update(guidance=before_step, guidance_history=before_step.history, prompt_suffixes=before_step.suffixes)
     info["final_prompt"] = final_prompt
     text = encode_text(pipe, [negative_prompt, final_prompt])  # (2, 77, d): negative first (§10)
@@ -126,14 +132,22 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if before_step is not None:
         before_step.cond = cond
 
-    def eps_fn(x, t):  # classifier-free guidance as one batch-2 UNet call
+    def cfg_unet(x2, t, text):
         with torch.no_grad():
-            eps_u, eps_c = pipe.unet(torch.cat([x, x]), t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
+            return pipe.unet(x2, t, text)
+    cfg_unet = graphs.Graphed(cfg_unet, fast, pool)
+
+    def eps_fn(x, t):  # classifier-free guidance as one batch-2 UNet call
+        t = torch.as_tensor(t, device=x.device)
+        eps_u, eps_c = cfg_unet(torch.cat([x, x]), t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim
     t = time.perf_counter()
     x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
+    cfg_unet.reset()  # the graphs' memory, before the decode
+    if before_step is not None:
+        before_step.drop_graph()
     info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
     info["latents"] = x0
     frames_u8 = decode(pipe, x0, vae_slice)
@@ -262,13 +276,16 @@ def knob_help(knob):
 
 
 def add_knob_args(group):
-    """The guidance knobs (each overrides the preset's value) and --checkpointing; shared with batch.py."""
+    """The guidance knobs (each overrides the preset's value), --checkpointing and --fast; shared with batch.py."""
     for knob in GUIDANCE_KNOBS:
         group.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
     group.add_argument("--checkpointing", nargs="?", const="full", default="off", choices=["off", "cheap", "full"],
                        help="memory of the guidance pass, same result: 'cheap' recomputes norms and activations in "
                             "the backward (about -24%% activation memory); 'full' (the flag alone) checkpoints every "
                             "block (576x320x24 fits a 24 GB card)")
+    group.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the CFG step and the guidance pass from CUDA graphs, same video (default: on "
+                            "for CUDA)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -410,7 +427,7 @@ def _main(args):
         t, info = time.perf_counter(), {}
         frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,
                           args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
-                          on_step=Progress(args.steps), info=info)
+                          on_step=Progress(args.steps), info=info, fast=args.fast)
         timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
     except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError, planner.CacheError, ValueError) as e:
         print(f"lvd: error: {e}", file=sys.stderr)

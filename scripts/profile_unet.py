@@ -48,6 +48,20 @@ def median_ms(fn, runs=10):
     return cuda_ms(fn, runs, warmup=3)[0]  # bench.py's timer: CUDA events, warm-up, median
 
 
+def issue_ms(fn, runs=5):
+    """Wall ms for the CPU to issue fn() (no sync inside): near the GPU time means launch-bound."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, 1e3 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+    return best
+
+
 def profile(fn, label):
     from torch.profiler import ProfilerActivity, profile as prof
     fn()
@@ -103,8 +117,16 @@ def main(argv=None):
                 loss = attention.energy(store.maps, masks, [[1]], params)
                 return torch.autograd.grad(loss, z)[0]
 
-        print(f"\n# {size}: CFG step {median_ms(cfg_step):.1f} ms, guidance pass {median_ms(guidance_pass):.1f} ms",
-              flush=True)
+        def guidance_forward():
+            store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=True)
+            with torch.enable_grad():
+                z = x.detach().requires_grad_(True)
+                unet(z, t, ctx[1:], store=store)
+                return attention.energy(store.maps, masks, [[1]], params)
+
+        print(f"\n# {size}: CFG step {median_ms(cfg_step):.1f} ms, guidance pass {median_ms(guidance_pass):.1f} ms"
+              f" (its forward {median_ms(guidance_forward):.1f} ms); CPU time to issue: CFG step "
+              f"{issue_ms(cfg_step):.1f} ms, guidance pass {issue_ms(guidance_pass):.1f} ms", flush=True)
         if not args.no_profile:
             profile(cfg_step, f"{size} CFG step (batch 2)")
             profile(guidance_pass, f"{size} guidance pass (batch 1)")
@@ -123,6 +145,50 @@ def main(argv=None):
             print(f"  diffusers: CFG step {ms:.1f} ms; official guidance pass {ms_g:.1f} ms, peak {gib:.2f} GiB", flush=True)
             del ref, maps
             torch.cuda.empty_cache()
+
+
+def temporal_conv_micro(x):
+    """One level-0 temporal conv (3,1,1) at the CFG step's shape, four ways: forward, and forward + input backward."""
+    import torch.nn.functional as F
+    b, _, f, h, w = x.shape
+    c = 320
+    wt = torch.randn(c, c, 3, 1, 1, device="cuda", dtype=torch.half) * 0.02
+    src = torch.randn(2 * f, c, h, w, device="cuda", dtype=torch.half)  # (b f) c h w, as the UNet holds it
+    nhwc = src.to(memory_format=torch.channels_last)  # (b f) h w c in memory
+
+    def as_5d(y):  # (b f) c h w -> b c f h w
+        return y.reshape(2, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+    def conv3d_ncdhw(y):
+        return F.conv3d(as_5d(y).contiguous(), wt, padding=(1, 0, 0))
+
+    def conv3d_view(y):
+        return F.conv3d(as_5d(y), wt, padding=(1, 0, 0))
+
+    def conv3d_cl(y):  # nhwc view: b c f h w with strides of b f h w c = channels_last_3d
+        return F.conv3d(as_5d(y), wt.to(memory_format=torch.channels_last_3d), padding=(1, 0, 0))
+
+    def three_gemms(y):  # b f (h w) c tokens; out_f = sum_k x_{f+k-1} W_k^T
+        tok = y.permute(0, 2, 3, 1).reshape(2, f, h * w, c)
+        pad = F.pad(tok, (0, 0, 0, 0, 1, 1))
+        out = pad[:, 1:-1] @ wt[:, :, 1, 0, 0].t()
+        out = out + pad[:, :-2] @ wt[:, :, 0, 0, 0].t()
+        return out + pad[:, 2:] @ wt[:, :, 2, 0, 0].t()
+
+    for name, fn, inp in (("conv3d NCDHW (copy in)", conv3d_ncdhw, src), ("conv3d permuted view", conv3d_view, src),
+                          ("conv3d channels-last-3d", conv3d_cl, nhwc), ("3 GEMMs on NHWC tokens", three_gemms, nhwc)):
+        try:
+            with torch.no_grad():
+                ms = median_ms(lambda: fn(inp))
+            z = inp.detach().requires_grad_(True)
+
+            def fb():
+                y = fn(z)
+                return torch.autograd.grad(y, z, torch.ones_like(y))[0]
+            ms_b = median_ms(fb)
+            print(f"  temporal conv micro {tuple(src.shape)}: {name}: fwd {ms:.2f} ms, fwd+bwd {ms_b:.2f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  temporal conv micro {name}: failed {type(e).__name__}: {str(e)[:200]}")
 
 
 def diffusers_unet(unet):
@@ -158,6 +224,33 @@ def variants(unet, cfg_step, guidance_pass, x, t, ctx, compile_too=False):
         del g, out
     except Exception as e:  # noqa: BLE001
         print(f"  CUDA graph: failed {type(e).__name__}: {str(e)[:200]}")
+    torch.cuda.empty_cache()
+    temporal_conv_micro(x)
+    # bf16 (same kernels family; fp16 is the default)
+    try:
+        unet.bfloat16()
+        xb, cb = x.bfloat16(), ctx.bfloat16()
+        with torch.no_grad():
+            ms = median_ms(lambda: unet(torch.cat([xb, xb]), t, cb))
+        print(f"  bf16: CFG step {ms:.1f} ms", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"  bf16: failed {type(e).__name__}: {str(e)[:200]}")
+    unet.half()
+    # channels-last everywhere: every conv weight channels-last (2-D) / channels-last-3d (Conv3d), input too
+    try:
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
+            elif isinstance(m, torch.nn.Conv3d):
+                m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
+        print(f"  channels-last 2-D + 3-D conv weights: CFG step {median_ms(cfg_step):.1f} ms, "
+              f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
+        profile(cfg_step, "channels-last CFG step")
+    except Exception as e:  # noqa: BLE001
+        print(f"  channels-last all: failed {type(e).__name__}: {str(e)[:300]}")
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            m.weight.data = m.weight.data.contiguous()
     # channels-last 2-D convolutions
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     for m in convs:
@@ -166,6 +259,21 @@ def variants(unet, cfg_step, guidance_pass, x, t, ctx, compile_too=False):
           f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
     for m in convs:
         m.weight.data = m.weight.data.contiguous()
+    # CUDA graph of the whole guidance pass (forward + autograd.grad)
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                guidance_pass()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = guidance_pass()
+        print(f"  CUDA graph: guidance pass {median_ms(g.replay):.1f} ms", flush=True)
+        del g, out
+    except Exception as e:  # noqa: BLE001
+        print(f"  CUDA graph (guidance): failed {type(e).__name__}: {str(e)[:300]}")
     if not compile_too:
         return
     try:

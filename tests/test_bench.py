@@ -20,15 +20,19 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
             if line.startswith("| 2x32x32")]
     got = {(r[1], r[2]): r for r in rows}
-    want = [("CFG UNet step (batch 2)", "lvd eager"),
+    want = [("CFG UNet step (batch 2)", "lvd eager"), ("CFG UNet step (batch 2)", "lvd fast (CUDA graph)"),
             ("guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd (truncated, 6 explicit maps)"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing cheap"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing full"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph)"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing cheap"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing full"),
             ("guided video (2 steps, 10 passes, decode)", "lvd"),
-            ("guided video (2 steps, 10 passes, decode)", "lvd --checkpointing cheap"),
-            ("guided video (2 steps, 10 passes, decode)", "lvd --checkpointing full"),
-            ("unguided video (2 steps, decode)", "lvd"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd fast"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing cheap"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing full"),
+            ("unguided video (2 steps, decode)", "lvd"), ("unguided video (2 steps, decode)", "lvd fast"),
             ("CFG UNet step (batch 2)", "diffusers UNet3DConditionModel"),
             ("guidance pass (fwd+bwd, batch 1)", "official approach on diffusers UNet3DConditionModel"),
             ("unguided video (2 steps, decode)", "diffusers TextToVideoSDPipeline")]
@@ -36,4 +40,4 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
     for key, r in got.items():
         value = r[3] if r[3] else r[6]  # ms, or seconds for whole videos
         assert float(value) > 0, key
-    assert "10 guidance passes" in got[want[5]][7]
+    assert "10 guidance passes" in got[("guided video (2 steps, 10 passes, decode)", "lvd fast")][7]

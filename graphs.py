@@ -1,0 +1,85 @@
+"""The fast path: the two UNet calls that repeat with the same shapes, replayed from CUDA graphs.
+
+What to read: `lvd-method.md` §4.1 and §4.6 (per video: 40 CFG UNet steps and up to 10 × 5 guidance passes, each
+a cond-only forward and a backward to the latents, all of one shape); results/perf-notes.md (the measurements).
+
+Official implementation: none; the official code runs both eagerly. Same results: a graph replays the kernels
+that the eager call launched (tests/test_fast.py compares them on CUDA).
+
+Why: the guidance pass launches about 5.5k kernels. On the H200 of 2026-12-01 the CPU took 183 ms to issue a
+256×256×16 pass whose kernels ran for 58 ms, so the GPU mostly waited (at 576×320×24: 190 ms issue, 169 ms of
+kernels). A replayed graph issues everything at once.
+
+How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on
+a side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the
+second captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the
+buffers, replays, and returns clones of the static outputs. Cloning at once is what makes one memory pool safe
+to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
+leaves in the pool is dead before the other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
+
+`fn` must take and return tensors only, and do no host synchronisation (`.item()`, `int(tensor)`, copies of
+non-pinned CPU tensors): everything that depends on host values (the masks' top-k sizes, the token positions)
+is fixed before the first call.
+"""
+import torch
+
+
+def graph_pool():
+    """A memory pool for graphs that are replayed one at a time (None without CUDA)."""
+    return torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+
+
+class Graphed:
+    """fn(*tensors) -> tensor or tuple of tensors, replayed from a CUDA graph per input signature.
+
+    enabled: False runs fn directly (the reference path). pool: `graph_pool()` to share with other graphs.
+    `stats` counts 'eager', 'captured' and 'replayed' calls.
+    """
+
+    def __init__(self, fn, enabled=True, pool=None):
+        self.fn, self.enabled, self.pool = fn, enabled, pool
+        self.graphs, self.warm = {}, set()
+        self.stats = {"eager": 0, "captured": 0, "replayed": 0}
+
+    def __call__(self, *args):
+        if not (self.enabled and all(a.is_cuda for a in args)):
+            self.stats["eager"] += 1
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        if key not in self.warm:
+            self.warm.add(key)
+            self.stats["eager"] += 1
+            return self._side_stream(args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+            self.stats["captured"] += 1
+        graph, inputs, outputs, is_tuple = self.graphs[key]
+        for buf, a in zip(inputs, args):
+            buf.copy_(a)
+        graph.replay()
+        self.stats["replayed"] += 1
+        out = tuple(o.clone() for o in outputs)
+        return out if is_tuple else out[0]
+
+    def _side_stream(self, args):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, args):
+        inputs = [a.detach().clone() for a in args]
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: not held twice beside the graph's own pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(*inputs)
+        is_tuple = isinstance(out, tuple)
+        return graph, inputs, out if is_tuple else (out,), is_tuple
+
+    def reset(self):
+        """Drop the captured graphs (and the memory they hold)."""
+        self.graphs.clear()
+        self.warm.clear()

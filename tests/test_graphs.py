@@ -1,0 +1,83 @@
+"""The CUDA-graph fast path (graphs.py) gives what the eager calls give.
+
+Oracle: the same function run eagerly (`enabled=False`), on the same inputs. The CUDA tests need a GPU: CI has
+none and skips them (they are not counted as run there); they run on the device machine
+(`python -m pytest -q tests/test_graphs.py`, README "verified against"). The CPU tests check the fallback and
+that nothing in the guidance pass needs a host value (the condition for capturing it).
+"""
+import pytest
+import torch
+
+import attention as A
+import graphs
+import lvd
+import planner
+from sampler import NoiseSchedule
+from unet3d import UNet3D, UNet3DConfig
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def _unet(device):
+    torch.manual_seed(0)
+    cfg = UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)
+    return UNet3D(cfg).to(device).eval().requires_grad_(False)
+
+
+def _guide(unet, cond, fast, f=3, h=16, w=16):
+    boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], [(0.55, 0.1, 0.95, 0.45)] * f]
+    masks = A.layer_masks(boxes, (h, w))
+    return A.LatentGuidance(unet, cond, masks, [[2], [4, 5]], NoiseSchedule.from_config(SCHEDULE),
+                            A.GuidanceParams(), fast=fast, pool=graphs.graph_pool() if fast else None)
+
+
+def test_without_cuda_the_function_runs_directly():
+    calls = []
+    g = graphs.Graphed(lambda a, b: calls.append(1) or a + b)
+    assert torch.equal(g(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
+    assert g.stats == {"eager": 1, "captured": 0, "replayed": 0} and calls == [1]
+
+
+def test_the_guidance_pass_needs_no_host_value():
+    """Capturing fails on any device -> host read (int(t), .item(), a mask copied per call). On the meta device
+    every such read raises, so the pass running there end to end shows it reads none."""
+    unet = _unet("cpu").to("meta")
+    cond = torch.randn(1, 77, 32, device="meta")
+    guide = _guide(unet, cond, fast=False)
+    loss, g, *maps = guide._pass(torch.randn(1, 4, 3, 16, 16, device="meta"), torch.tensor(974, device="meta"), cond)
+    assert loss.shape == () and g.shape == (1, 4, 3, 16, 16) and len(maps) == 6
+
+
+@cuda
+def test_graphed_guidance_pass_equals_the_eager_pass():
+    unet = _unet("cuda")
+    cond = torch.randn(1, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    eager, fast = _guide(unet, cond, fast=False), _guide(unet, cond, fast=True)
+    gen = torch.Generator("cuda").manual_seed(2)
+    for k, t in enumerate((999, 974, 949, 924)):  # warm-up, capture + replay, replays with new inputs
+        x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=gen)
+        (l0, g0), (l1, g1) = eager.loss_and_grad(x, t), fast.loss_and_grad(x, t)
+        assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0)), k
+        assert (g1 - g0).abs().max() <= 1e-6 * g0.abs().max(), k
+        for p in A.GUIDED_LAYERS:
+            assert torch.allclose(fast.last_maps[p], eager.last_maps[p], rtol=0, atol=1e-6), (k, p)
+    assert fast._graphed.stats == {"eager": 1, "captured": 1, "replayed": 3}
+
+
+@cuda
+def test_graphed_video_equals_the_eager_video(tiny_model_dir):
+    pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
+    layout = planner.plan("A bear walks from the left to the right")  # the shipped example layout
+    params = A.GuidanceParams(loss_threshold=-1.0)  # every guided step runs all 5 iterations
+    videos, infos = [], []
+    for fast in (False, True):
+        info = {}
+        videos.append(lvd.generate(pipe, layout.prompt, layout, 2, 64, 64, steps=12, guidance=params,
+                                   info=info, fast=fast))
+        infos.append(info)
+    assert len(infos[1]["guidance_history"]) == 50
+    losses = [[h[3] for h in info["guidance_history"]] for info in infos]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert torch.allclose(infos[1]["latents"], infos[0]["latents"], rtol=1e-4, atol=1e-5)
+    assert abs(videos[1].astype(int) - videos[0].astype(int)).max() <= 1
