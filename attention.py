@@ -223,6 +223,12 @@ def _topk_mean(v, k, k_max):
     return (top * keep).sum(-1) / k.to(v.dtype)
 
 
+def _columns(a, pos):
+    """a[..., pos] by slices: no index tensor is copied to the device (the pass can be a CUDA graph)."""
+    cols = [a[..., p:p + 1] for p in pos]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=-1)
+
+
 def _com(x, h, w):
     """Centre of mass (y, x) in grid cells of maps x (..., h*w) over the whole map -> two (...) tensors."""
     x = x.unflatten(-1, (h, w))  # ... (h w) -> ... h w
@@ -258,7 +264,7 @@ def energy_terms(maps, masks, token_positions, params):
         for o, pos in enumerate(token_positions):
             if not pos or min(pos) < 0 or max(pos) >= l:
                 raise ValueError(f"energy: object {o} has token positions {pos}, need 1+ within 0..{l - 1}")
-            a_o = a[..., pos].to(dt).permute(0, 3, 1, 2)  # f n (h w) p -> f p n (h w); fp16 -> fp32 is exact
+            a_o = _columns(a, pos).to(dt).permute(0, 3, 1, 2)  # f n (h w) p -> f p n (h w); fp16 -> fp32 exact
             m = m_all[o].flatten(1)  # f h w -> f (h w)
             area = m.sum(-1).double()[:, None, None]  # |m| per frame, (f, 1, 1); k in float64 like Python's int(ρ·|m|)
             k_fg = (params.fg_top_p * area).floor().clamp(min=1)  # k_fg = max(1, ⌊ρ_fg·|m|⌋)
