@@ -61,7 +61,8 @@ def run_maybe_checkpointed(fn, ckpt, *args):
     """fn(*args); with `ckpt` (and grad on) under activation checkpointing: the activations inside fn are
     recomputed in the backward instead of kept (the LVD guidance pass, `lvd-method.md` §10.15)."""
     if ckpt and torch.is_grad_enabled():
-        return _checkpoint(fn, *args, use_reentrant=False)
+        # eval mode has no randomness, and reading the CUDA RNG state is not allowed inside a CUDA-graph capture
+        return _checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
 
 

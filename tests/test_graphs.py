@@ -38,11 +38,12 @@ def _unet(device):
     return UNet3D(cfg).to(device).eval().requires_grad_(False)
 
 
-def _guide(unet, cond, fast, f=3, h=16, w=16):
+def _guide(unet, cond, fast, f=3, h=16, w=16, mode="off"):
     boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], [(0.55, 0.1, 0.95, 0.45)] * f]
     masks = A.layer_masks(boxes, (h, w))
     return A.LatentGuidance(unet, cond, masks, [[2], [4, 5]], NoiseSchedule.from_config(SCHEDULE),
-                            A.GuidanceParams(), fast=fast, pool=graphs.graph_pool() if fast else None)
+                            A.GuidanceParams(checkpointing=mode), fast=fast,
+                            pool=graphs.graph_pool() if fast else None)
 
 
 def test_without_cuda_the_function_runs_directly():
@@ -88,35 +89,44 @@ def test_the_guidance_pass_needs_no_host_value():
     assert mode.seen == ["aten._local_scalar_dense.default"]
 
 
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 @cuda
-def test_graphed_guidance_pass_equals_the_eager_pass():
+@pytest.mark.parametrize("mode", ["off", "cheap", "full"])
+def test_graphed_guidance_pass_equals_the_eager_pass(mode):
+    """The oracle is eager itself: the graph must be as close to an eager pass as a second eager pass is (GPU
+    backward kernels may add in any order), and within 1e-6 where eager repeats exactly."""
     unet = _unet("cuda")
     cond = torch.randn(1, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    eager, fast = _guide(unet, cond, fast=False), _guide(unet, cond, fast=True)
+    eager, again, fast = (_guide(unet, cond, fast=k, mode=mode) for k in (False, False, True))
     gen = torch.Generator("cuda").manual_seed(2)
     for k, t in enumerate((999, 974, 949, 924)):  # warm-up, capture + replay, replays with new inputs
         x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=gen)
-        (l0, g0), (l1, g1) = eager.loss_and_grad(x, t), fast.loss_and_grad(x, t)
-        assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0)), k
-        assert (g1 - g0).abs().max() <= 1e-6 * g0.abs().max(), k
+        (l0, g0), (l1, g1), (l2, g2) = eager.loss_and_grad(x, t), again.loss_and_grad(x, t), fast.loss_and_grad(x, t)
+        floor = max(10 * rel(g1, g0), 1e-6)
+        assert rel(g2, g0) <= floor, (k, rel(g2, g0), rel(g1, g0))
+        assert abs(float(l2) - float(l0)) <= max(10 * abs(float(l1) - float(l0)), 1e-6 * abs(float(l0))), k
         for p in A.GUIDED_LAYERS:
-            assert torch.allclose(fast.last_maps[p], eager.last_maps[p], rtol=0, atol=1e-6), (k, p)
+            assert rel(fast.last_maps[p], eager.last_maps[p]) <= max(10 * rel(again.last_maps[p], eager.last_maps[p]),
+                                                                     1e-6), (k, p)
     assert fast._graphed.stats == {"eager": 1, "captured": 1, "replayed": 3}
 
 
 @cuda
-def test_graphed_video_equals_the_eager_video(tiny_model_dir):
+@pytest.mark.parametrize("mode", ["off", "full"])
+def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
+    """A whole guided video (12 steps, 10 × 5 passes forced) with and without graphs; again eager twice is the
+    noise floor."""
     pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
     layout = planner.plan("A bear walks from the left to the right")  # the shipped example layout
-    params = A.GuidanceParams(loss_threshold=-1.0)  # every guided step runs all 5 iterations
-    videos, infos = [], []
-    for fast in (False, True):
+    params = A.GuidanceParams(loss_threshold=-1.0, checkpointing=mode)  # every guided step runs all 5 iterations
+    infos = []
+    for fast in (False, False, True):
         info = {}
-        videos.append(lvd.generate(pipe, layout.prompt, layout, 2, 64, 64, steps=12, guidance=params,
-                                   info=info, fast=fast))
+        lvd.generate(pipe, layout.prompt, layout, 2, 64, 64, steps=12, guidance=params, info=info, fast=fast)
         infos.append(info)
-    assert len(infos[1]["guidance_history"]) == 50
-    losses = [[h[3] for h in info["guidance_history"]] for info in infos]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    assert torch.allclose(infos[1]["latents"], infos[0]["latents"], rtol=1e-4, atol=1e-5)
-    assert abs(videos[1].astype(int) - videos[0].astype(int)).max() <= 1
+    assert len(infos[2]["guidance_history"]) == 50
+    (e0, e1, f) = (info["latents"] for info in infos)
+    assert rel(f, e0) <= max(10 * rel(e1, e0), 1e-6), (rel(f, e0), rel(e1, e0))
