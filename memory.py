@@ -1,4 +1,5 @@
-"""What the guidance pass keeps for its backward: the memory modes of the LVD guidance forward.
+"""What the guidance pass keeps for its backward (the memory modes of the LVD guidance forward), and the
+channels-last memory layout of the UNet's activations.
 
 What to read: `lvd-method.md` §4.6 (the guidance pass: a cond-only UNet forward whose graph is kept, then
 ∇_z of the energy) and §10.15 (the official code keeps the whole fp16 graph, with no memory savings);
@@ -15,10 +16,15 @@ Three tools, for a pass whose weights are frozen (only the latents need a gradie
   keeps only x and recomputes fn in the backward ('cheap' mode).
 - `run_maybe_checkpointed`: activation checkpointing of whole blocks ('full' mode).
 
+The layout (for speed, any pass): `GroupNorm` / `group_norm` normalise a channels-last tensor ((b f) h w c or
+b f h w c in memory) without copying it to NCHW, which PyTorch's CUDA GroupNorm does; `memory_format(x)` names a
+tensor's layout, and the convolutions' input gradient keeps it (tests/test_layout.py).
+
 Glossary: x (an activation), w (a frozen weight), g (the gradient arriving from above).
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
@@ -27,7 +33,7 @@ class _ConvKeepsNoInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, conv):
-        ctx.conv, ctx.shape = conv, x.shape
+        ctx.conv, ctx.shape, ctx.format = conv, x.shape, memory_format(x)
         return conv._conv_forward(x, conv.weight, conv.bias)  # nn.ConvNd's own forward (zeros padding)
 
     @staticmethod
@@ -36,15 +42,18 @@ class _ConvKeepsNoInput(torch.autograd.Function):
         shape_only = g.new_empty(1).expand(ctx.shape)  # read for its shape only, as torch.nn.grad.conv2d_input does
         gx = torch.ops.aten.convolution_backward(g, shape_only, c.weight, None, c.stride, c.padding, c.dilation,
                                                  False, [0] * len(c.stride), c.groups, (True, False, False))[0]
-        return gx, None
+        return gx.contiguous(memory_format=ctx.format), None  # x's layout (a no-op where cuDNN already gave it)
 
 
 def conv_keeping_no_input(conv, x):
     """conv(x); when a graph is built for x alone (frozen weights), the node keeps no input (see above)."""
     frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
     if frozen and conv.padding_mode == "zeros" and torch.is_grad_enabled() and x.requires_grad:
-        return _ConvKeepsNoInput.apply(x, conv)
-    return conv._conv_forward(x, conv.weight, conv.bias)
+        y = _ConvKeepsNoInput.apply(x, conv)
+    else:
+        y = conv._conv_forward(x, conv.weight, conv.bias)
+    # x's layout: a no-op on cuDNN and oneDNN; the CPU's plain conv3d (one thread, batch < 16, (3,1,1)) gives NCDHW
+    return y.contiguous(memory_format=memory_format(x))
 
 
 class Conv2d(nn.Conv2d):
@@ -100,3 +109,48 @@ def recompute(fn, x, cheap):
     if cheap and torch.is_grad_enabled() and x.requires_grad:
         return _Recompute.apply(fn, x)
     return fn(x)
+
+
+# -----------------------------------------------------------------------------
+# the channels-last layout
+
+def memory_format(x):
+    """torch.channels_last (4-D) or channels_last_3d (5-D) for a tensor in that layout and not also contiguous,
+    else torch.contiguous_format."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
+
+
+def group_norm(x, groups, weight, bias, eps):
+    """F.group_norm(x, groups, weight, bias, eps) for x (n, c, *spatial); a channels-last x stays channels-last.
+
+    Channels-last: the statistics over a (n, s, G, c/G) view, accumulated in fp32 (Welford, as torch's own
+    GroupNorm; for an fp16 x the std and mean are then rounded to fp16: on an H200 the error equalled torch
+    2.11's fp16 GroupNorm's), then y = x * scale + shift with per-(n, c) scale and shift in fp32, in one pass
+    that reads x and writes y.
+    Any other layout goes to F.group_norm (the reference, tests/test_layout.py).
+    """
+    n, c = x.shape[:2]
+    xt = x.movedim(1, -1)  # n c *s -> n *s c, a view
+    if not xt.is_contiguous():
+        return F.group_norm(x, groups, weight, bias, eps)
+    v = xt.view(n, -1, groups, c // groups)  # n *s (G c/G) -> n s G c/G
+    std, mean = torch.std_mean(v, dim=(1, 3), correction=0, keepdim=True)  # (n, 1, G, 1); std: an fp16 var overflows
+    root_eps = std.new_full((1,), eps ** 0.5, dtype=torch.promote_types(x.dtype, torch.float32))
+    hyp = torch.hypot(std, root_eps)  # sqrt(var + eps), fp32
+    scale = hyp.reciprocal() if weight is None else weight.view(groups, -1) / hyp  # (n, 1, G, c/G)
+    shift = -mean * scale if bias is None else torch.addcmul(bias.view(groups, -1), mean, scale, value=-1)
+    if torch.is_grad_enabled():  # autograd has no out=: an fp32 intermediate for an fp16 x
+        y = torch.addcmul(shift, v, scale).to(x.dtype)
+    else:  # computed in fp32, written in x's dtype
+        y = torch.addcmul(shift, v, scale, out=torch.empty_like(v))
+    return y.view(xt.shape).movedim(-1, 1)  # n s G c/G -> n *s c -> n c *s, channels-last again
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same keys) through `group_norm`: channels-last in, channels-last out."""
+
+    def forward(self, x):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

@@ -14,6 +14,8 @@ Differences:
   captures chosen cross-attention maps (LVD) and can stop the forward after the last one.
 - For a pass with a graph (LVD guidance) the convolutions keep no input, and `checkpoint` picks how much
   more is recomputed in the backward instead of kept (memory.py); without a graph nothing changes.
+- Activations are channels-last ((b f) h w c in memory, b f h w c for the 5-D folds), as are the convolution
+  weights (`channels_last_`), so cuDNN, the folds and the token reshapes need no transposes; diffusers is NCHW.
 - No attention mask (diffusers accepts one and ignores it), no class labels, no LoRA / processors.
 - Inference only: dropout modules are kept so the keys keep their Sequential indices
   (`conv2.3`), and the model is always used in eval mode.
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attend
-from memory import Conv2d, Conv3d, checkpoint_mode, recompute, run_maybe_checkpointed
+from memory import Conv2d, Conv3d, GroupNorm, checkpoint_mode, memory_format, recompute, run_maybe_checkpointed
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
 
 
@@ -79,7 +81,7 @@ class UNet3DConfig:
 
 
 # -----------------------------------------------------------------------------
-# video folds (frame-major: row b·f + f)
+# video folds (frame-major: row b·f + f); views both ways between channels-last (b f) c h w and channels_last_3d
 
 def frames_to_batch(x):
     """(b, c, f, h, w) -> (b·f, c, h, w)."""
@@ -119,10 +121,10 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, c_in, c_out, temb_channels=None, groups=32, eps=1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.norm1 = GroupNorm(groups, c_in, eps=eps)
         self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, c_out) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.norm2 = GroupNorm(groups, c_out, eps=eps)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
@@ -144,10 +146,10 @@ class TemporalConvLayer(nn.Module):
     def __init__(self, c, groups=32):
         super().__init__()
         conv = lambda: Conv3d(c, c, (3, 1, 1), padding=(1, 0, 0))
-        self.conv1 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), conv())
-        self.conv2 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
-        self.conv3 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
-        self.conv4 = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
+        self.conv1 = nn.Sequential(GroupNorm(groups, c), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
+        self.conv3 = nn.Sequential(GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
+        self.conv4 = nn.Sequential(GroupNorm(groups, c), nn.SiLU(), nn.Dropout(0.1), conv())
 
     def forward(self, x, f, cheap=False):
         x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
@@ -223,16 +225,16 @@ class Transformer2DModel(nn.Module):
 
     def __init__(self, c, heads, context_dim, groups=32):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.norm = GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, c)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
         self.proj_out = nn.Linear(c, c)
 
     def forward(self, x, context, store=None, cheap=False):
         bf, c, h, w = x.shape
-        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
         t = self.transformer_blocks[0](self.proj_in(t), context, store, cheap)
-        t = self.proj_out(t).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w
+        t = self.proj_out(t).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
         return x + t
 
 
@@ -242,7 +244,7 @@ class TransformerTemporalModel(nn.Module):
     def __init__(self, c, heads, head_dim, groups=32):
         super().__init__()
         d = heads * head_dim
-        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.norm = GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, d)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(d, heads)])
         self.proj_out = nn.Linear(d, c)
@@ -251,10 +253,10 @@ class TransformerTemporalModel(nn.Module):
         bf, c, h, w = x.shape
         b = bf // f
         t = self.norm(batch_to_frames(x, f))  # 5-D GroupNorm: statistics over all frames
-        t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c
+        t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
         t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store, cheap=cheap))
-        t = t.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)  # (b h w) f c -> (b f) c h w
-        return x + t
+        t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
+        return frames_to_batch(batch_to_frames(x, f) + t)  # the add reads t in x's order: the one copy out
 
 
 class Downsample2D(nn.Module):
@@ -366,11 +368,20 @@ class UNet3D(nn.Module):
             io = [((prev if j == 0 else c) + (c_skip_in if j == L else c), c) for j in range(L + 1)]
             sampler = "up" if i < len(ch) - 1 else None
             self.up_blocks.append(UNetBlock3D("up", io, c, cfg, temb, kind.startswith("CrossAttn"), sampler))
-        self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=cfg.norm_eps)
+        self.conv_norm_out = GroupNorm(groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         for name, m in self.named_modules():
             if isinstance(m, Attention):
                 m.path = name  # e.g. "up_blocks.2.attentions.2.transformer_blocks.0.attn2"
+        self.channels_last_()
+
+    def channels_last_(self, on=True):
+        """Conv weights to channels_last (temporal: _3d) or NCHW (on=False), same keys; activations follow. -> self"""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                fmt = {4: torch.channels_last, 5: torch.channels_last_3d}[m.weight.ndim]
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt if on else torch.contiguous_format)
+        return self
 
     def forward(self, sample, timestep, encoder_hidden_states, store=None, checkpoint=False):
         """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (b, l, d_ctx) -> (b, 4, f, h, w).
@@ -379,13 +390,16 @@ class UNet3D(nn.Module):
         store.truncate the forward stops after the last of them and returns None. `checkpoint` (for a pass with
         a graph) is 'off' (False), 'cheap' (norms and activations recomputed in the backward) or 'full' (True:
         each resnet+temporal conv and each transformer under activation checkpointing); same values and gradients.
+        The activations are channels-last where conv_in's weight is (the default, `channels_last_`), else NCHW.
         """
         b, _, f, h, w = sample.shape
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
         temb = temb.repeat_interleave(f, dim=0)  # b d -> (b f) d
         context = encoder_hidden_states.repeat_interleave(f, dim=0)  # b l d -> (b f) l d
-        x = self.conv_in(frames_to_batch(sample))  # b c f h w -> (b f) c h w
+        cl = memory_format(self.conv_in.weight) == torch.channels_last  # see channels_last_
+        sample = sample.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+        x = self.conv_in(frames_to_batch(sample))  # b c f h w -> (b f) c h w, in memory (b f) h w c (or NCHW)
         ckpt, cheap = checkpoint_mode(checkpoint)
         x = run_maybe_checkpointed(lambda x: self.transformer_in(x, f, cheap=cheap), ckpt, x)
         skips = [x]
@@ -398,11 +412,11 @@ class UNet3D(nn.Module):
             if store is not None and store.done():
                 return None
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return batch_to_frames(x, f)  # (b f) c h w -> b c f h w
+        return batch_to_frames(x, f).contiguous()  # (b f) c h w -> b c f h w
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None):
         """Read unet/config.json and diffusion_pytorch_model[.fp16].safetensors from `folder` (strict)."""
         cfg = config_from_json(UNet3DConfig, os.path.join(folder, "config.json"))
         path = pick_weights_file(folder, "diffusion_pytorch_model", dtype)
-        return load_module(lambda: cls(cfg), path, device=device, dtype=dtype)
+        return load_module(lambda: cls(cfg), path, device=device, dtype=dtype).channels_last_()  # file: NCHW

@@ -1,0 +1,248 @@
+"""The channels-last layout of the UNet's activations: GroupNorm without a copy, what stays channels-last, and
+that the layout changes nothing but speed.
+
+What to read: unet3d.py's docstring ("Differences") and `UNet3D.channels_last_`; memory.py's `group_norm`.
+
+Oracles: torch's own F.group_norm (fp32 and float64, forward and gradients); the same UNet run in the NCHW
+layout (`channels_last_(False)`), which tests/test_unet3d.py ties to diffusers; forward hooks and a
+TorchDispatchMode that see every module output and every copy on the CPU (the same ops a GPU runs, bar the
+insides of convolutions).
+
+Glossary: b (batch), f (frames), c (channels), h, w (latent height, width), G (groups).
+"""
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attention as A
+from memory import Conv2d, Conv3d, GroupNorm, group_norm, memory_format
+from unet3d import UNet3D, UNet3DConfig, batch_to_frames, frames_to_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+CL, CL3 = torch.channels_last, torch.channels_last_3d
+TINY = dict(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)
+COPIES = ("aten.clone.default", "aten.copy_.default", "aten._to_copy.default")
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As in tests/test_guidance.py: tiny models gain nothing from threads on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet3D(UNet3DConfig(**TINY)).eval().requires_grad_(False)
+
+
+def inputs(b=2, f=3, h=16, w=24, seed=0):
+    """16×24 halves to 8×12, 4×6, 2×3: no level is 1×1, where channels-last and NCHW are the same memory."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, f, h, w, generator=g), torch.tensor([981, 21]), torch.randn(b, 77, 32, generator=g)
+
+
+# -----------------------------------------------------------------------------
+# group_norm
+
+CASES = [  # (shape, groups, layout)
+    ((2, 64, 5, 7), 32, CL), ((3, 6, 4, 4), 2, CL), ((2, 12, 3, 5), 1, CL), ((2, 8, 3, 3), 8, CL),
+    ((2, 64, 3, 5, 7), 32, CL3), ((1, 6, 4, 2, 3), 3, CL3),
+    ((2, 64, 5, 7), 32, torch.contiguous_format), ((2, 16, 1, 1), 2, CL),  # NCHW: F.group_norm; 1×1: both
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape, groups, layout", CASES, ids=[f"{s}-G{g}" for s, g, _ in CASES])
+def test_group_norm_equals_torch(shape, groups, layout, dtype):
+    """Values and gradients (x, weight, bias) against F.group_norm; channels-last stays channels-last."""
+    g = torch.Generator().manual_seed(len(shape) + groups)
+    x = (3 * torch.randn(shape, generator=g, dtype=dtype) + 2).contiguous(memory_format=layout)
+    wt, bs = 1 + 0.1 * torch.randn(shape[1], generator=g, dtype=dtype), torch.randn(shape[1], generator=g, dtype=dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    with torch.no_grad():
+        y = group_norm(x, groups, wt, bs, 1e-5)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
+    ref_args = [t.detach().clone().requires_grad_(True) for t in (x, wt, bs)]
+    our_args = [t.detach().clone().requires_grad_(True) for t in (x, wt, bs)]
+    y_ref = F.group_norm(ref_args[0], groups, *ref_args[1:], 1e-5)
+    y_grad = group_norm(our_args[0], groups, *our_args[1:], 1e-5)  # the autograd path (guidance)
+    assert rel_err(y, y_ref) <= tol and torch.equal(y, y_grad)
+    gy = torch.randn(shape, generator=g, dtype=dtype)
+    for ours, ref in zip(torch.autograd.grad(y_grad, our_args, gy), torch.autograd.grad(y_ref, ref_args, gy)):
+        assert rel_err(ours, ref) <= tol
+    y_plain = group_norm(x, groups, None, None, 1e-6)  # no affine
+    assert rel_err(y_plain, F.group_norm(x, groups, None, None, 1e-6)) <= tol
+
+
+def test_group_norm_makes_no_copy_of_a_channels_last_input():
+    """What a GPU would run: statistics and one addcmul, no clone and no native GroupNorm (which copies to NCHW)."""
+    x = torch.randn(2, 64, 3, 5, 7).contiguous(memory_format=CL3)
+    norm = GroupNorm(32, 64)
+    with torch.no_grad(), Ops() as ops:
+        norm(x)
+    assert not any(op in ops.counts for op in COPIES + ("aten.native_group_norm.default",)), ops.counts
+    assert ops.counts["aten.std_mean.correction"] == 1 and ops.counts["aten.addcmul.out"] == 1
+
+
+def test_group_norm_fp16_keeps_large_activations_finite():
+    """std is 3000: its square overflows fp16 (max 65504), so the statistics are kept as std, not var."""
+    g = torch.Generator().manual_seed(1)
+    x32 = 3000 * torch.randn(2, 64, 6, 6, generator=g) + 500
+    x = x32.half().contiguous(memory_format=CL)
+    wt, bs = torch.ones(64, dtype=torch.half), torch.zeros(64, dtype=torch.half)
+    with torch.no_grad():
+        y = group_norm(x, 32, wt, bs, 1e-5)
+    y_grad = group_norm(x, 32, wt, bs, 1e-5)  # grad mode: the autograd path, same numbers
+    assert y.dtype == torch.half and y.is_contiguous(memory_format=CL) and torch.equal(y, y_grad)
+    assert rel_err(y, F.group_norm(x.float(), 32, eps=1e-5)) <= 2e-3  # fp16 output rounding
+
+
+# -----------------------------------------------------------------------------
+# convolutions and folds
+
+@pytest.mark.parametrize("conv, shape", [(lambda: Conv2d(6, 8, 3, padding=1), (2, 6, 5, 7)),
+                                         (lambda: Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0)), (2, 6, 4, 5, 3))],
+                         ids=["conv2d", "conv3d"])
+def test_frozen_convolution_input_gradient_keeps_the_layout(conv, shape):
+    """memory.py's convolutions on channels-last input: output and input gradient channels-last, input not kept,
+    the gradient of torch's own convolution."""
+    conv = conv().requires_grad_(False)
+    fmt = CL if len(shape) == 4 else CL3
+    conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        y = conv(x)  # conv3d: on one CPU thread torch's plain kernel gives NCDHW, which Conv3d turns back
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    ref = (F.conv2d if len(shape) == 4 else F.conv3d)(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    assert memory_format(gx) == fmt and memory_format(y) == fmt and x.untyped_storage().data_ptr() not in kept
+    assert rel_err(y, ref) <= 1e-6 and rel_err(gx, torch.autograd.grad(ref, x, g)[0]) <= 1e-6
+
+
+def test_folds_are_views_in_channels_last():
+    """(b f) c h w channels-last <-> b c f h w channels_last_3d: the same memory, (b f h w c)."""
+    x = torch.randn(6, 8, 5, 7).contiguous(memory_format=CL)
+    x5 = batch_to_frames(x, 3)
+    assert x5.data_ptr() == x.data_ptr() and memory_format(x5) == CL3
+    back = frames_to_batch(x5)
+    assert back.data_ptr() == x.data_ptr() and memory_format(back) == CL and torch.equal(back, x)
+
+
+# -----------------------------------------------------------------------------
+# the UNet
+
+class Ops(TorchDispatchMode):
+    """Counts the aten ops run; `copies` counts the copies per innermost running module class (set by hooks)."""
+
+    def __init__(self, stack=None):
+        super().__init__()
+        self.counts, self.copies = collections.Counter(), collections.Counter()
+        self.stack = stack if stack is not None else ["?"]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        if str(func) in COPIES:
+            self.copies[self.stack[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def walk(unet, fn):
+    """Run fn() with hooks: -> ([(module path, class, output)] of every module, Ops of the run)."""
+    outs, stack = [], []
+    names = {m: n for n, m in unet.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, a: stack.append(type(m).__name__)) for m in unet.modules()]
+    hooks += [m.register_forward_hook(lambda m, a, o: outs.append((names[m], stack.pop(), o))) for m in unet.modules()]
+    try:
+        with Ops(stack) as ops:
+            fn()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return outs, ops
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["cfg-step", "guidance-pass"])
+def test_every_activation_is_channels_last(unet, grad):
+    """Every 4-D module output is channels-last, every 5-D one channels_last_3d, with and without a graph; the
+    only copies are the temporal transformers' (b h w) f c tokens (one in; the one out is fused into the residual
+    add) and, in UNet3D itself, the input and output conversions, the timestep cast and the time / text repeats."""
+    x, t, ctx = inputs()
+    z = x.clone().requires_grad_(grad)
+    torch.set_num_threads(2)  # oneDNN's conv3d, NDHWC as cuDNN's; torch's one-thread plain conv3d gives NCDHW
+    try:
+        with torch.set_grad_enabled(grad):
+            outs, ops = walk(unet, lambda: unet(z, t, ctx, checkpoint="cheap" if grad else False))
+    finally:
+        torch.set_num_threads(1)
+    seen = collections.Counter()
+    for path, cls, out in outs:
+        if isinstance(out, torch.Tensor) and out.ndim in (4, 5) and path:  # path "": the UNet's own output
+            assert out.is_contiguous(memory_format=CL if out.ndim == 4 else CL3), (path, cls, out.stride())
+            seen[cls] += 1
+    assert {"ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel", "Conv2d",
+            "Conv3d", "GroupNorm", "SiLU", "Downsample2D", "Upsample2D", "UNetBlock3D"} <= set(seen)
+    n_temporal = sum(isinstance(m, type(unet.transformer_in)) for m in unet.modules())
+    assert dict(ops.copies) == {"TransformerTemporalModel": n_temporal, "UNet3D": 5}, ops.copies
+    assert "aten.native_group_norm.default" not in ops.counts
+
+
+def test_nchw_layout_is_the_reference_and_gives_the_same_output(unet):
+    """channels_last_(False) is the pre-channels-last forward (NCHW, F.group_norm): the same output and the same
+    guidance gradient; with the weights back in channels-last, the same numbers again."""
+    x, t, ctx = inputs(seed=3)
+    masks = A.layer_masks([[(0.1, 0.2, 0.6, 0.9)] * 3], (16, 24))
+    forward = torch.no_grad()(lambda: unet(x, t, ctx))
+
+    def guidance_grad():
+        store, z = A.AttentionStore(A.GUIDED_LAYERS, truncate=True), x[:1].clone().requires_grad_(True)
+        unet(z, 500, ctx[:1], store=store)
+        return torch.autograd.grad(A.energy(store.maps, masks, [[1, 2]], A.GuidanceParams()), z)[0]
+    y_cl, g_cl = forward(), guidance_grad()
+    try:
+        unet.channels_last_(False)
+        assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, (Conv2d, Conv3d)))
+        y_nchw = []
+        outs, ops = walk(unet, lambda: y_nchw.append(forward()))
+        assert "aten.native_group_norm.default" in ops.counts  # the NCHW path really ran
+        assert all(o.is_contiguous() for p, _, o in outs if isinstance(o, torch.Tensor) and o.ndim == 4)
+        g_nchw = guidance_grad()
+    finally:
+        unet.channels_last_()
+    assert y_cl.is_contiguous() and y_cl.shape == x.shape  # the API: contiguous b c f h w
+    assert rel_err(y_cl, y_nchw[0]) <= 1e-5 and rel_err(g_cl, g_nchw) <= 1e-5
+    assert torch.equal(forward(), y_cl)
+
+
+def test_weights_are_channels_last_with_unchanged_keys(unet, tiny_model_dir):
+    """At construction, after .half() and after loading (the file is NCHW); keys and shapes as diffusers'."""
+    convs = lambda net: [m.weight for m in net.modules() if isinstance(m, (Conv2d, Conv3d))]
+    for net in (unet, UNet3D(UNet3DConfig(**TINY)).half(), UNet3D.from_pretrained(f"{tiny_model_dir}/unet")):
+        assert all(w.is_contiguous(memory_format=CL if w.ndim == 4 else CL3) for w in convs(net))
+    nchw = UNet3D(UNet3DConfig(**TINY)).channels_last_(False)
+    assert {k: v.shape for k, v in nchw.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
+
+
+def test_bench_layout_smoke(capsys, monkeypatch):
+    """scripts/bench_layout.py --smoke (the tiny config on the CPU) runs every measurement and the profile."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_layout", f"{ROOT}/scripts/bench_layout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "median_ms", bench.once_ms)  # one run each: this checks the code, not the speed
+    bench.main(["--smoke", "--sizes", "2x16x16"])
+    out = capsys.readouterr().out
+    assert "(i) GroupNorm" in out and "(ii) CFG step" in out and "aten::convolution" in out
