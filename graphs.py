@@ -4,7 +4,7 @@ What to read: `lvd-method.md` §4.1 and §4.6 (per video: 40 CFG UNet steps and 
 a cond-only forward and a backward to the latents, all of one shape); results/perf-notes.md (the measurements).
 
 Official implementation: none; the official code runs both eagerly. Same results: a graph replays the kernels
-that the eager call launched (tests/test_fast.py compares them on CUDA).
+that the eager call launched (tests/test_graphs.py compares them on CUDA).
 
 Why: the guidance pass launches about 5.5k kernels. On the H200 of 2026-12-01 the CPU took 183 ms to issue a
 256×256×16 pass whose kernels ran for 58 ms, so the GPU mostly waited (at 576×320×24: 190 ms issue, 169 ms of

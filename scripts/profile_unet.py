@@ -5,9 +5,10 @@ Usage (CUDA, real 1.7B config, random weights, fp16): python scripts/profile_une
 Prints, per size, the median ms of the CFG step (batch 2) and the truncated guidance pass (batch 1), and the
 share of CUDA time per kernel category (matmul, convolution, attention, normalisation, elementwise, copies)
 from torch.profiler, with the ten most expensive kernels. Used to pick the optimisations in
-results/perf-notes.md; it is a measuring tool, not a benchmark (bench.py is). Written on 2026-12-01 and not yet
-run: no GPU was lent that day. --variants also times cuDNN/efficient attention, a CUDA graph of the CFG step and
-channels-last 2-D convolutions; --diffusers times diffusers' CFG step and the official guidance pass.
+results/perf-notes.md; it is a measuring tool, not a benchmark (bench.py is). Its first run (H200, 2026-12-01,
+the NCHW code of that day) is results/profile-h200.md. --variants also times cuDNN/efficient attention, CUDA
+graphs, the temporal convolution's layouts, bf16 and channels-last weights; --diffusers times diffusers' CFG step
+and the official guidance pass. It also prints the CPU time to issue each call (near the GPU time: launch-bound).
 """
 import argparse
 import os
@@ -248,17 +249,14 @@ def variants(unet, cfg_step, guidance_pass, x, t, ctx, compile_too=False):
         profile(cfg_step, "channels-last CFG step")
     except Exception as e:  # noqa: BLE001
         print(f"  channels-last all: failed {type(e).__name__}: {str(e)[:300]}")
-    for m in unet.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            m.weight.data = m.weight.data.contiguous()
+    unet.channels_last_(False)  # NCHW, to time the 2-D-only variant below
     # channels-last 2-D convolutions
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     for m in convs:
         m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
     print(f"  channels-last conv2d weights: CFG step {median_ms(cfg_step):.1f} ms, "
           f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
-    for m in convs:
-        m.weight.data = m.weight.data.contiguous()
+    unet.channels_last_()  # back to the default layout
     # CUDA graph of the whole guidance pass (forward + autograd.grad)
     try:
         s = torch.cuda.Stream()

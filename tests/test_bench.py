@@ -22,15 +22,15 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
     got = {(r[1], r[2]): r for r in rows}
     want = [("CFG UNet step (batch 2)", "lvd eager"), ("CFG UNet step (batch 2)", "lvd fast (CUDA graph)"),
             ("guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)"),
-            ("guidance pass (fwd+bwd, batch 1)", "lvd (truncated, 6 explicit maps)"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing off (truncated, 6 explicit maps)"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing cheap"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing full"),
-            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph)"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing off"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing cheap"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing full"),
-            ("guided video (2 steps, 10 passes, decode)", "lvd"),
-            ("guided video (2 steps, 10 passes, decode)", "lvd fast"),
-            ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing cheap"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd --checkpointing off"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing off"),
+            ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing cheap (the default)"),
             ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing full"),
             ("unguided video (2 steps, decode)", "lvd"), ("unguided video (2 steps, decode)", "lvd fast"),
             ("CFG UNet step (batch 2)", "diffusers UNet3DConditionModel"),
@@ -40,4 +40,4 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
     for key, r in got.items():
         value = r[3] if r[3] else r[6]  # ms, or seconds for whole videos
         assert float(value) > 0, key
-    assert "10 guidance passes" in got[("guided video (2 steps, 10 passes, decode)", "lvd fast")][7]
+    assert "10 guidance passes" in got[("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing off")][7]

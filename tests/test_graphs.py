@@ -97,7 +97,7 @@ def rel(a, b):
 @pytest.mark.parametrize("mode", ["off", "cheap", "full"])
 def test_graphed_guidance_pass_equals_the_eager_pass(mode):
     """The oracle is eager itself: the graph must be as close to an eager pass as a second eager pass is (GPU
-    backward kernels may add in any order), and within 1e-6 where eager repeats exactly."""
+    backward kernels may add in any order), and within 1e-5 (fp32 rounding) where eager happens to repeat exactly."""
     unet = _unet("cuda")
     cond = torch.randn(1, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     eager, again, fast = (_guide(unet, cond, fast=k, mode=mode) for k in (False, False, True))
@@ -105,12 +105,12 @@ def test_graphed_guidance_pass_equals_the_eager_pass(mode):
     for k, t in enumerate((999, 974, 949, 924)):  # warm-up, capture + replay, replays with new inputs
         x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=gen)
         (l0, g0), (l1, g1), (l2, g2) = eager.loss_and_grad(x, t), again.loss_and_grad(x, t), fast.loss_and_grad(x, t)
-        floor = max(10 * rel(g1, g0), 1e-6)
+        floor = max(10 * rel(g1, g0), 1e-5)
         assert rel(g2, g0) <= floor, (k, rel(g2, g0), rel(g1, g0))
-        assert abs(float(l2) - float(l0)) <= max(10 * abs(float(l1) - float(l0)), 1e-6 * abs(float(l0))), k
+        assert abs(float(l2) - float(l0)) <= max(10 * abs(float(l1) - float(l0)), 1e-5 * abs(float(l0))), k
         for p in A.GUIDED_LAYERS:
             assert rel(fast.last_maps[p], eager.last_maps[p]) <= max(10 * rel(again.last_maps[p], eager.last_maps[p]),
-                                                                     1e-6), (k, p)
+                                                                     1e-5), (k, p)
     assert fast._graphed.stats == {"eager": 1, "captured": 1, "replayed": 3}
 
 
@@ -129,4 +129,4 @@ def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
         infos.append(info)
     assert len(infos[2]["guidance_history"]) == 50
     (e0, e1, f) = (info["latents"] for info in infos)
-    assert rel(f, e0) <= max(10 * rel(e1, e0), 1e-6), (rel(f, e0), rel(e1, e0))
+    assert rel(f, e0) <= max(10 * rel(e1, e0), 1e-5), (rel(f, e0), rel(e1, e0))
