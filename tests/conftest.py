@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,17 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random model folder in the published diffusers layout (weights/make_tiny.py), made once per session."""
     from weights.make_tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("tiny-model")), seed=0, fp16_variants=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
+    them many times slower (measured: 164 s vs 21 s for the three guidance test files); restored afterwards.
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def shared_or_skip(*parts):

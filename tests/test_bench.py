@@ -1,17 +1,6 @@
 """bench.py --smoke: every measurement of the GPU benchmark runs (tiny model, CPU) and lands in the table, so a
 session with a GPU does not spend its minutes finding a broken code path. The numbers of a smoke run mean nothing."""
-import pytest
-import torch
-
 import bench
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def test_smoke_run_fills_every_row(tmp_path, one_thread):
