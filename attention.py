@@ -260,6 +260,7 @@ def energy_terms(maps, masks, token_positions, params):
         m_all = masks[path].to(a.device, dt)
         f, n, hw, l = a.shape
         h, w = m_all.shape[-2:]
+        fg_max, bg_max = max(1, int(params.fg_top_p * hw)), max(1, int(params.bg_top_p * hw))  # k bounds: |m| <= hw
         if m_all.shape != (n_obj, f, h, w) or h * w != hw:
             raise ValueError(f"energy: layer {path}: maps {tuple(a.shape)} do not fit masks {tuple(m_all.shape)} "
                              f"for {n_obj} objects")
@@ -271,7 +272,6 @@ def energy_terms(maps, masks, token_positions, params):
             area = m.sum(-1).double()[:, None, None]  # |m| per frame, (f, 1, 1); k in float64 like Python's int(ρ·|m|)
             k_fg = (params.fg_top_p * area).floor().clamp(min=1)  # k_fg = max(1, ⌊ρ_fg·|m|⌋)
             k_bg = (params.bg_top_p * (hw - area)).floor().clamp(min=1)  # k_bg = max(1, ⌊ρ_bg·(N − |m|)⌋)
-            fg_max, bg_max = max(1, int(params.fg_top_p * hw)), max(1, int(params.bg_top_p * hw))  # |m| <= hw
             fg = 1 - _topk_mean(a_o * m[:, None, None], k_fg, fg_max)  # fg_h = 1 − mean(topk_{k_fg}(A ⊙ m)), (f, p, n)
             bg = _topk_mean(a_o * (1 - m[:, None, None]), k_bg, bg_max)  # bg_h = mean(topk_{k_bg}(A ⊙ (1 − m)))
             # E_box = w_fg·Σ_h fg_h + w_bg·Σ_h bg_h (heads summed); Σ_f Σ_p, then / |P_o|
@@ -369,7 +369,7 @@ class LatentGuidance:
         self.history, self.last_maps = [], None
         self.names, self.suffixes = list(names), list(suffixes)
         self.fast, self.pool = fast, pool  # fast: replay the pass from a CUDA graph (graphs.py) in a shared pool
-        self._graphed, self._device_masks = None, {}
+        self._graphed, self._graphed_key, self._device_masks = None, None, {}
 
     def __call__(self, x, i, t):
         p = self.params
@@ -389,7 +389,7 @@ class LatentGuidance:
         if x.dim() != 5 or x.shape[0] != 1:
             raise ValueError(f"LatentGuidance: latents must be (1, 4, f, h, w), got {tuple(x.shape)}")
         key = (self.params, self.fast, self.pool)  # a new graph when what the pass does changes
-        if self._graphed is None or self._graphed_key != key:
+        if self._graphed_key != key:
             self._graphed, self._graphed_key = graphs.Graphed(self._pass, self.fast, self.pool), key
         t = torch.as_tensor(t, device=x.device)  # a device tensor: no host copy inside the pass
         loss, g, *maps = self._graphed(x, t, self.cond)
@@ -410,7 +410,7 @@ class LatentGuidance:
 
     def drop_graph(self):
         """Free the captured graph and its memory (the sampler calls this once the guided steps are over)."""
-        self._graphed = None
+        self._graphed, self._graphed_key = None, None
 
     def _masks_on(self, device):
         if device not in self._device_masks:  # copied once, before any capture

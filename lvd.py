@@ -435,7 +435,7 @@ def _main(args):
         return 1
     except torch.OutOfMemoryError:
         print("lvd: error: out of GPU memory. Lower it with fewer --frames, a smaller --height/--width, --dtype float16, "
-              "--vae-slice 1, --checkpointing cheap (or full), or --guidance off.", file=sys.stderr)
+              "--vae-slice 1, --checkpointing full, or --guidance off.", file=sys.stderr)
         return 1
     settings = {k: v for k, v in vars(args).items()}
     settings.update(dtype=str(args.dtype), final_prompt=info.get("final_prompt"), versions=versions(),

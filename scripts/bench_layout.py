@@ -14,9 +14,7 @@ Usage: python scripts/bench_layout.py [--sizes 16x256x256,24x320x576] [--no-prof
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,29 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench import cuda_ms  # noqa: E402
 from graphs import Graphed  # noqa: E402
 from memory import group_norm  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig, batch_to_frames  # noqa: E402
 
 
-def once_ms(fn):
-    """ms of one fn(): CUDA events on a GPU, the wall clock on the CPU."""
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b)
-
-
 def median_ms(fn, warmup=3, runs=10):
-    for _ in range(warmup):
-        fn()
-    return statistics.median([once_ms(fn) for _ in range(runs)])
+    return cuda_ms(fn, runs, warmup)[0]  # bench.py's timer: CUDA events (the wall clock on the CPU), median
 
 
 def bench_group_norm(c, f, h, w, device, dtype):
