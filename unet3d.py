@@ -16,6 +16,8 @@ Differences:
   more is recomputed in the backward instead of kept (memory.py); without a graph nothing changes.
 - Activations are channels-last ((b f) h w c in memory, b f h w c for the 5-D folds), as are the convolution
   weights (`channels_last_`), so cuDNN, the folds and the token reshapes need no transposes; diffusers is NCHW.
+- `fuse_` swaps GroupNorm→SiLU (with the time-embedding add folded in), LayerNorm and GEGLU's gate for fused
+  kernels (fused.py); off by default, on in lvd.generate's fast path. Same math, fp32 inside.
 - No attention mask (diffusers accepts one and ignores it), no class labels, no LoRA / processors.
 - Inference only: dropout modules are kept so the keys keep their Sequential indices
   (`conv2.3`), and the model is always used in eval mode.
@@ -31,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fused
 from attention import attend
 from memory import Conv2d, Conv3d, GroupNorm, checkpoint_mode, memory_format, recompute, run_maybe_checkpointed
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
@@ -116,6 +119,17 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def norm_silu(norm, x, cheap=False, add=None):
+    """SiLU(norm(x + add)), add (n, c) broadcast over h, w (or None). Under `cheap` (a pass with a graph) the
+    output is recomputed in the backward instead of kept; the fused kernel (fused.py) keeps only x by itself."""
+    y = None if norm.fused is None else norm.fused.group_norm(norm, x, silu=True, add=add)
+    if y is not None:
+        return y
+    if add is not None:
+        x = x + add[:, :, None, None]
+    return recompute(lambda x: F.silu(norm(x)), x, cheap)
+
+
 class ResnetBlock2D(nn.Module):
     """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + shortcut (§4.5). Also the VAE's resnet (temb_channels=None)."""
 
@@ -130,10 +144,9 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x, temb=None, cheap=False):
-        h = self.conv1(recompute(lambda x: F.silu(self.norm1(x)), x, cheap))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(recompute(lambda h: F.silu(self.norm2(h)), h, cheap)))
+        h = self.conv1(norm_silu(self.norm1, x, cheap))
+        add = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # + time embedding, then GN2
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h, cheap, add)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -155,7 +168,7 @@ class TemporalConvLayer(nn.Module):
         x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
         h = x
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):  # GN, SiLU, [Dropout], Conv3d
-            h = recompute(lambda h, _s=stage: _s[1](_s[0](h)), h, cheap)
+            h = norm_silu(stage[0], h, cheap)  # stage[1] is the SiLU
             for m in stage[2:]:
                 h = m(h)
         return frames_to_batch(x + h)  # b c f h w -> (b f) c h w
@@ -179,11 +192,15 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
+    fused = None  # a fused.Kernels (UNet3D.fuse_): the gate as one fused kernel
+
     def __init__(self, d, inner):
         super().__init__()
         self.proj = nn.Linear(d, 2 * inner)
 
     def forward(self, x, cheap=False):
+        if self.fused is not None:
+            return self.fused.geglu(self.proj(x))
         def gated(h):
             value, gate = h.chunk(2, dim=-1)  # first half value, second half gate (exact GELU)
             return value * F.gelu(gate)
@@ -207,11 +224,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, d, heads, context_dim=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(d)
+        self.norm1 = fused.LayerNorm(d)
         self.attn1 = Attention(d, heads)
-        self.norm2 = nn.LayerNorm(d)
+        self.norm2 = fused.LayerNorm(d)
         self.attn2 = Attention(d, heads, context_dim)
-        self.norm3 = nn.LayerNorm(d)
+        self.norm3 = fused.LayerNorm(d)
         self.ff = FeedForward(d)
 
     def forward(self, x, context=None, store=None, cheap=False):
@@ -383,6 +400,15 @@ class UNet3D(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt if on else torch.contiguous_format)
         return self
 
+    def fuse_(self, on=True, kernels=None):
+        """Fused GroupNorm(+SiLU), LayerNorm and GEGLU kernels (fused.py) in every such module where `on` and
+        fused.available() (or with the `kernels` given); off: the eager modules. Same keys and values. -> self"""
+        kernels = kernels or (fused.Kernels() if on and fused.available() else None)
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = kernels if on else None
+        return self
+
     def forward(self, sample, timestep, encoder_hidden_states, store=None, checkpoint=False):
         """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (b, l, d_ctx) -> (b, 4, f, h, w).
 
@@ -411,7 +437,7 @@ class UNet3D(nn.Module):
             x = block(x, temb, context, f, skips, store, checkpoint)
             if store is not None and store.done():
                 return None
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(norm_silu(self.conv_norm_out, x))
         return batch_to_frames(x, f).contiguous()  # (b f) c h w -> b c f h w
 
     @classmethod

@@ -14,6 +14,11 @@ if str(ROOT) not in sys.path:
 import pytest
 import torch
 
+# Without CUDA, Triton kernels (kernels.py, tests/test_fused.py) run in Triton's interpreter on the CPU. Triton reads
+# this when it is first imported, so it is set here, before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -31,6 +36,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 on the GPU means fp32: cuDNN's default TF32 convolutions differ from run to run at ~1e-3. Restored
+    afterwards. A module uses it with `pytestmark = pytest.mark.usefixtures("no_tf32")`."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def shared_or_skip(*parts):

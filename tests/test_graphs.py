@@ -20,13 +20,7 @@ from unet3d import UNet3D, UNet3DConfig
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device machine)")
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 on the GPU means fp32: cuDNN's default TF32 convolutions differ from run to run at ~1e-3."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)

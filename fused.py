@@ -1,0 +1,201 @@
+"""Fused kernels for the UNet's memory-bound work: GroupNorm (+ SiLU, + a broadcast add), LayerNorm, GEGLU's gate.
+
+What to read: results/perf-notes.md (2026-12-01: after CUDA graphs and channels-last, a third of the 576×320×24 CFG
+step's kernel time was eager GroupNorm, SiLU, GEGLU, LayerNorm and bias adds, each a separate pass over memory at
+0.2–1 TB/s); modelscope-architecture.md §4.5-§4.9 (where these ops sit); kernels.py (the Triton kernels).
+
+Official implementation: none; diffusers and the official LVD code run nn.GroupNorm, F.silu, nn.LayerNorm and
+diffusers' GEGLU (models/activations.py) eagerly. Same values: the functions below are that math in plain
+PyTorch, computed in fp32 and rounded once to the input's dtype; kernels.py computes the same and is tested
+against them, and they against the eager modules (tests/test_fused.py).
+
+How: `UNet3D.fuse_()` gives one `Kernels` to every GroupNorm, LayerNorm and GEGLU module of the UNet (not the VAE);
+their forward then calls `_Norm` / `_GEGLU`, autograd Functions for frozen weights whose backward is a kernel too
+and which keep only the input and the (n, groups) statistics (what the 'cheap' memory mode keeps by hand).
+Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
+ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
+(dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
+
+Shapes: a channels-last (n, c, *s) activation is an (n, s, c) tensor in memory; the functions take that view.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def available():
+    """True where the Triton kernels can run: CUDA, and Triton (which torch's CUDA wheels ship)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+# -----------------------------------------------------------------------------
+# the math, in plain PyTorch (the 'torch' backend, and the reference for kernels.py)
+
+def group_stats(v, groups):
+    """Per-(n, group) mean and variance of v (n, s, c) fp32, from the per-channel ones: the reduction runs over s with
+    the channels contiguous (coalesced reads), then, exactly (equal counts per channel), mean = mean_c(mean_c) and
+    var = mean_c(var_c) + mean_c((mean_c − mean)²) within each group. -> (mean, var), each (n, 1, G, 1)."""
+    n, s, c = v.shape
+    var_c, mean_c = torch.var_mean(v, dim=1, correction=0, keepdim=True)  # (n, 1, c)
+    var_c, mean_c = var_c.view(n, 1, groups, c // groups), mean_c.view(n, 1, groups, c // groups)
+    mean = mean_c.mean(dim=-1, keepdim=True)
+    return mean, var_c.mean(dim=-1, keepdim=True) + (mean_c - mean).square().mean(dim=-1, keepdim=True)
+
+
+def group_mean(v, groups):
+    """Mean of v (n, s, G, c/G) over s and each group, as in `group_stats` (over s first). -> (n, 1, G, 1)."""
+    return v.mean(dim=1, keepdim=True).mean(dim=-1, keepdim=True)
+
+
+def norm_forward(x, weight, bias, add, groups: int, eps: float, silu: bool):
+    """Group normalisation of x (n, s, c) over s and each group of c / groups channels, in fp32, then SiLU if
+    `silu`; `add` (n, 1, c), if not None, is added to x first. LayerNorm: groups = 0 (over c alone, per row).
+    -> (y (n, s, c) in x's dtype, mean, rstd: (n, 1, G, 1), or (n, s, 1, 1) for LayerNorm)."""
+    n, s, c = x.shape
+    v = x.float() if add is None else x.float() + add.float()
+    if groups:
+        mean, var = group_stats(v, groups)
+    else:
+        var, mean = torch.var_mean(v.view(n, s, 1, c), dim=-1, correction=0, keepdim=True)
+    g = groups or 1
+    rstd = torch.rsqrt(var + eps)
+    z = (v.view(n, s, g, c // g) - mean) * rstd * weight.float().view(g, -1) + bias.float().view(g, -1)
+    y = F.silu(z) if silu else z
+    return y.view(n, s, c).to(x.dtype), mean, rstd  # n s G c/G -> n s c
+
+
+def norm_backward(g, x, weight, bias, add, mean, rstd, groups: int, silu: bool):
+    """∂L/∂x of `norm_forward` for frozen weight and bias, from g = ∂L/∂y (n, s, c), recomputing x̂ from x:
+    ∂L/∂x = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = w · ∂L/∂z, the means over each group (or row)."""
+    n, s, c = x.shape
+    k = groups or 1
+    v = (x.float() if add is None else x.float() + add.float()).view(n, s, k, c // k)
+    w = weight.float().view(k, -1)
+    xhat = (v - mean) * rstd
+    gz = g.float().view(n, s, k, c // k)
+    if silu:  # SiLU'(z) = σ(z) · (1 + z · (1 − σ(z)))
+        z = xhat * w + bias.float().view(k, -1)
+        sig = torch.sigmoid(z)
+        gz = gz * sig * (1 + z * (1 - sig))
+    ghat = gz * w
+    mean_of = (lambda t: group_mean(t, groups)) if groups else (lambda t: t.mean(dim=-1, keepdim=True))
+    gx = rstd * (ghat - mean_of(ghat) - xhat * mean_of(ghat * xhat))
+    return gx.view(n, s, c).to(x.dtype)
+
+
+def geglu_forward(h):
+    """GEGLU's gate: h (..., 2·inner) -> value · GELU(gate), value the first half (exact GELU), in fp32."""
+    value, gate = h.float().chunk(2, dim=-1)
+    return (value * F.gelu(gate)).to(h.dtype)
+
+
+def geglu_backward(g, h):
+    """∂L/∂h of `geglu_forward`: [g · GELU(gate), g · value · GELU'(gate)], GELU'(u) = Φ(u) + u · φ(u)."""
+    value, gate = h.float().chunk(2, dim=-1)
+    cdf = 0.5 * (1 + torch.erf(gate * 0.5 ** 0.5))
+    pdf = torch.exp(-0.5 * gate * gate) * (2 * math.pi) ** -0.5
+    g = g.float()
+    return torch.cat([g * gate * cdf, g * value * (cdf + gate * pdf)], dim=-1).to(h.dtype)
+
+
+class _Norm(torch.autograd.Function):
+    """y = norm(x) with frozen weights through k.gn / k.gn_bwd (or k.ln / k.ln_bwd); keeps x and the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, groups, eps, silu, k):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            raise ValueError("fused norms are for frozen weights (inference and latent guidance) only")
+        x = x.contiguous()
+        if groups:
+            y, mean, rstd = k.gn(x, weight, bias, add, groups, eps, silu)
+        else:
+            y, mean, rstd = k.ln(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+        ctx.groups, ctx.silu, ctx.k = groups, silu, k
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        g = g.contiguous()
+        if ctx.groups:
+            gx = ctx.k.gn_bwd(g, x, weight, bias, add, mean, rstd, ctx.groups, ctx.silu)
+        else:
+            gx = ctx.k.ln_bwd(g, x, weight, bias, mean, rstd)
+        return gx, None, None, None, None, None, None, None
+
+
+class _GEGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, k):
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        ctx.k = k
+        return k.geglu_fwd(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        return ctx.k.geglu_bwd(g.contiguous(), h), None
+
+
+class Kernels:
+    """The fused functions for the modules of one model (`UNet3D.fuse_`): backend 'triton' (kernels.py, the fast
+    path) or 'torch' (the same math in plain PyTorch above: the reference, and what runs without Triton)."""
+
+    def __init__(self, backend="triton"):
+        if backend == "triton":
+            import kernels
+            self.gn, self.gn_bwd = kernels.group_norm_fwd, kernels.group_norm_bwd
+            self.ln, self.ln_bwd = kernels.layer_norm_fwd, kernels.layer_norm_bwd
+            self.geglu_fwd, self.geglu_bwd = kernels.geglu_fwd, kernels.geglu_bwd
+        elif backend == "torch":
+            self.gn, self.gn_bwd = norm_forward, norm_backward
+            self.ln = lambda x, w, b, eps: norm_forward(x, w, b, None, 0, eps, False)
+            self.ln_bwd = lambda g, x, w, b, mean, rstd: norm_backward(g, x, w, b, None, mean, rstd, 0, False)
+            self.geglu_fwd, self.geglu_bwd = geglu_forward, geglu_backward
+        else:
+            raise ValueError(f"Kernels: backend must be 'triton' or 'torch', got {backend!r}")
+        self.backend = backend
+        self.reference = Kernels("torch") if backend == "triton" else self
+
+    def _for(self, x):
+        """The functions for x's device: Triton's kernels need a CUDA tensor; a CPU one gets the 'torch' math."""
+        return self if x.is_cuda else self.reference
+
+    def group_norm(self, norm, x, silu=False, add=None):
+        """[SiLU](GroupNorm `norm`(x [+ add])) for a channels-last x (n, c, *s); add (n, c) broadcast over s.
+        -> (n, c, *s), channels-last. Another layout, or groups not a power of 2: None (run the eager path)."""
+        n, c = x.shape[:2]
+        xt = x.movedim(1, -1)  # n c *s -> n *s c, a view
+        groups = norm.num_groups
+        if not xt.is_contiguous() or groups & (groups - 1):
+            return None
+        add = None if add is None else add.reshape(n, 1, c)
+        y = _Norm.apply(xt.view(n, -1, c), norm.weight, norm.bias, add, groups, norm.eps, silu, self._for(x))
+        return y.view(xt.shape).movedim(-1, 1)  # n s c -> n *s c -> n c *s, channels-last
+
+    def layer_norm(self, norm, x):
+        """nn.LayerNorm `norm` (over the last dim) of x (..., c)."""
+        c = x.shape[-1]
+        y = _Norm.apply(x.reshape(1, -1, c), norm.weight, norm.bias, None, 0, norm.eps, False, self._for(x))  # -> 1 s c
+        return y.view(x.shape)
+
+    def geglu(self, h):
+        return _GEGLU.apply(h, self._for(h))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same keys); through the fused kernel when `fused` holds a `Kernels`."""
+    fused = None
+
+    def forward(self, x):
+        return super().forward(x) if self.fused is None else self.fused.layer_norm(self, x)

@@ -1,0 +1,179 @@
+"""The fused kernels (fused.py, kernels.py) against the eager modules they replace.
+
+Three layers: (1) fused.py's plain-PyTorch math ('torch' backend) equals memory.GroupNorm + SiLU, nn.LayerNorm and
+the eager GEGLU, values and input gradients; (2) the Triton kernels equal that math, on CUDA where there is one, else
+in Triton's interpreter (TRITON_INTERPRET=1, CPU); (3) a UNet with fused modules equals the eager UNet (forward and
+the guidance pass's gradient), on the CPU through the 'torch' backend and on CUDA through Triton.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention as A
+import fused
+from memory import GroupNorm
+from unet3d import GEGLU, UNet3D, UNet3DConfig, batch_to_frames, norm_silu
+
+pytestmark = pytest.mark.usefixtures("one_thread", "no_tf32")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def eager_geglu(h):
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def value_and_grad(fn, x, seed=0):
+    x = x.detach().requires_grad_(True)
+    y = fn(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
+    return y.detach(), torch.autograd.grad(y, x, g)[0]
+
+
+def modules(c, kernels):
+    torch.manual_seed(1)
+    gn, ln, ff = GroupNorm(32, c), fused.LayerNorm(c), GEGLU(c, 2 * c)
+    for m in (gn, ln, ff):
+        torch.nn.init.normal_(m.weight if hasattr(m, "weight") else m.proj.weight)
+        m.requires_grad_(False)
+        m.fused = kernels
+    return gn, ln, ff
+
+
+CASES = ["GroupNorm+SiLU 4-D", "GroupNorm+SiLU+add 4-D", "GroupNorm 5-D", "LayerNorm", "GEGLU"]
+
+
+def run_case(case, gn, ln, ff, x4, add, f):
+    fn = {"GroupNorm+SiLU 4-D": lambda x: norm_silu(gn, x),
+          "GroupNorm+SiLU+add 4-D": lambda x: norm_silu(gn, x, add=add),
+          "GroupNorm 5-D": lambda x: gn(batch_to_frames(x, f)),
+          "LayerNorm": lambda x: ln(x.flatten(2).transpose(1, 2)),  # (b f) c h w -> (b f) (h w) c
+          "GEGLU": lambda x: ff.fused.geglu(x.flatten(2).transpose(1, 2).contiguous()) if ff.fused else
+          eager_geglu(x.flatten(2).transpose(1, 2))}[case]
+    return value_and_grad(fn, x4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_math_equals_the_eager_modules(case):
+    torch.manual_seed(0)
+    f, c = 3, 64
+    x4 = (torch.randn(2 * f, c, 5, 7) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(2 * f, c)
+    ref = run_case(case, *modules(c, None), x4, add, f)
+    out = run_case(case, *modules(c, fused.Kernels("torch")), x4, add, f)
+    if case.startswith("GroupNorm"):
+        assert out[0].is_contiguous(memory_format=torch.channels_last) or out[0].dim() == 5
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and rel(a, b) <= 1e-6, (case, rel(a, b))
+
+
+def test_fused_norms_refuse_trainable_weights_and_fall_back_on_other_layouts():
+    gn = GroupNorm(32, 64)  # weights require grad
+    k = fused.Kernels("torch")
+    with pytest.raises(ValueError, match="frozen weights"):
+        k.group_norm(gn, torch.randn(2, 64, 3, 3).contiguous(memory_format=torch.channels_last))
+    assert k.group_norm(gn.requires_grad_(False), torch.randn(2, 64, 3, 3)) is None  # NCHW: the eager path
+    assert not fused.available() or torch.cuda.is_available()
+    with pytest.raises(ValueError, match="backend"):
+        fused.Kernels("cuda")
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels
+
+@pytest.fixture(scope="module")
+def triton_kernels():
+    """kernels.py on CUDA; without CUDA in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton", reason="Triton not installed (requirements-dev.txt has it for these tests)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the kernels cannot run here")
+    return importlib.import_module("kernels"), device
+
+
+@pytest.mark.parametrize("n,s,c,groups,silu,add,programs", [
+    (2, 37, 320, 32, True, True, 1024),   # 10 channels per group (padded to 16), a partial last chunk
+    (1, 300, 64, 32, False, False, 1024),
+    (3, 45, 96, 32, True, False, 1024),
+    (2, 130, 64, 4, False, True, 2),      # several blocks per program (merged one by one)
+    (2, 300, 64, 32, True, True, 2),
+])
+def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, s, c, groups, silu, add, programs):
+    kernels, device = triton_kernels
+    monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, s, c, generator=gen) * 3 + 5).to(device)  # an offset mean: the variance must be stable
+    w, b, g = torch.randn(c, generator=gen), torch.randn(c, generator=gen), torch.randn(n, s, c, generator=gen)
+    a = torch.randn(n, 1, c, generator=gen).to(device) if add else None
+    w, b, g = w.to(device), b.to(device), g.to(device)
+    y, mean, rstd = kernels.group_norm_fwd(x, w, b, a, groups, 1e-5, silu)
+    y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, a, groups, 1e-5, silu)
+    assert rel(y, y_ref) <= 1e-6 and rel(mean, mean_ref.flatten(1)) <= 1e-6 and rel(rstd, rstd_ref.flatten(1)) <= 1e-6
+    dx = kernels.group_norm_bwd(g, x, w, b, a, mean, rstd, groups, silu)
+    assert rel(dx, fused.norm_backward(g, x, w, b, a, mean_ref, rstd_ref, groups, silu)) <= 1e-6
+
+
+def test_triton_backend_gives_cpu_tensors_the_reference_math(triton_kernels):
+    k = fused.Kernels("triton")
+    assert k._for(torch.zeros(1)).backend == "torch"
+    if torch.cuda.is_available():
+        assert k._for(torch.zeros(1, device="cuda")) is k
+
+
+@pytest.mark.parametrize("rows,c", [(37, 320), (5, 1280), (64, 640)])
+def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, c):
+    kernels, device = triton_kernels
+    gen = torch.Generator().manual_seed(1)
+    x, g = (torch.randn(1, rows, c, generator=gen) + 2).to(device), torch.randn(1, rows, c, generator=gen).to(device)
+    w, b = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
+    y, mean, rstd = kernels.layer_norm_fwd(x, w, b, 1e-5)
+    y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, None, 0, 1e-5, False)
+    assert rel(y, y_ref) <= 1e-6
+    dx_ref = fused.norm_backward(g, x, w, b, None, mean_ref, rstd_ref, 0, False)
+    assert rel(kernels.layer_norm_bwd(g, x, w, b, mean, rstd), dx_ref) <= 1e-6
+    h = torch.randn(2, rows, 2 * c, generator=gen).to(device)
+    gh = torch.randn(2, rows, c, generator=gen).to(device)
+    assert rel(kernels.geglu_fwd(h), fused.geglu_forward(h)) <= 1e-6
+    assert rel(kernels.geglu_bwd(gh, h), fused.geglu_backward(gh, h)) <= 1e-6
+
+
+# -----------------------------------------------------------------------------
+# the whole UNet
+
+def unet_and_guide(device, kernels):
+    torch.manual_seed(0)
+    cfg = UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)
+    with torch.device(device):
+        unet = UNet3D(cfg).eval().requires_grad_(False)
+    masks = A.layer_masks(torch.tensor([[[0.1, 0.2, 0.6, 0.9]] * 2]).numpy(), (8, 12))
+    cond = torch.randn(1, 77, 32, device=device)
+    guide = A.LatentGuidance(unet, cond, masks, [[2, 3]], torch.linspace(0.99, 0.01, 1000).numpy(),
+                             A.preset("benchmark"))
+    return unet, guide, cond
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cuda)])
+def test_fused_unet_equals_the_eager_unet(backend):
+    device = "cuda" if backend == "triton" else "cpu"
+    unet, guide, cond = unet_and_guide(device, None)
+    x = torch.randn(1, 4, 2, 8, 12, device=device)
+    t = torch.tensor(500, device=device)
+    ctx = torch.cat([cond, cond])
+    outs = []
+    for kernels in (None, fused.Kernels(backend)):
+        unet.fuse_(kernels is not None, kernels=kernels)
+        with torch.no_grad():
+            y = unet(torch.cat([x, x]), t, ctx)
+        outs.append((y, *guide.loss_and_grad(x, t)))
+    (y0, l0, g0), (y1, l1, g1) = outs
+    assert rel(y1, y0) <= 1e-5 and rel(g1, g0) <= 1e-5 and abs(float(l1) - float(l0)) <= 1e-5 * abs(float(l0))
+    assert sum(m.fused is not None for m in unet.modules() if hasattr(m, "fused")) > 0
+    unet.fuse_(False)
+    assert all(m.fused is None for m in unet.modules() if hasattr(m, "fused"))
