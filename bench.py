@@ -5,11 +5,11 @@ Usage (on a CUDA machine with diffusers importable):
     python bench.py --smoke --out /tmp/bench.md     (every code path on the tiny model on the CPU; tests/test_bench.py)
 
 Measures, per size (frames × height × width), in fp16:
-  (a) the CFG UNet step (batch 2): lvd eager, lvd fast (a CUDA graph, graphs.py; `--compile`: also torch.compile),
-      diffusers' UNet3DConditionModel;
+  (a) the CFG UNet step (batch 2): lvd eager, lvd fast (a CUDA graph, graphs.py; then also the fused kernels,
+      fused.py, which is what --fast does; `--compile`: also torch.compile), diffusers' UNet3DConditionModel;
   (b) one guidance pass (cond-only forward + backward to the latents): lvd (truncated after the last guided layer,
       explicit probabilities only in the six guided layers), lvd with its two memory modes (--checkpointing cheap
-      and full), each eager and fast (CUDA graph, with its error against eager), and the official
+      and full), each eager, fast without and with the fused kernels (with the error against eager), and the official
       approach (full forward, graph kept), both on lvd's UNet and on diffusers' UNet3DConditionModel with the
       official explicit-probability processor in the six layers (scripts/official_guidance.py; the official code
       runs a copy of diffusers' model, so the latter is the official implementation's cost);
@@ -39,6 +39,7 @@ from text_encoder import CLIPTokenizer
 from weights.make_tiny import make_tiny
 
 DEMO_PROMPT = "A bear walks from the left to the right"
+FAST = {False: "lvd fast (CUDA graph)", True: "lvd fast (CUDA graph + fused kernels)"}
 
 
 def cuda_ms(fn, runs, warmup=2):
@@ -119,17 +120,22 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     x = torch.randn(1, 4, f, h // 8, w // 8, device=pipe.device, dtype=pipe.dtype)
     text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
     t, x2 = torch.tensor(999, device=pipe.device), torch.cat([x, x])
+    pipe.unet.fuse_(False)  # the eager rows: no fused kernels either
     with torch.no_grad():  # (a) the CFG UNet step
         fl = flops(lambda: pipe.unet(x2, t, text))
         base_ms, gib = cuda_ms(lambda: pipe.unet(x2, t, text), args.runs)
         row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib,
             extra=f"{throughput(fl, base_ms, peak)}; {fl / 2e12:.2f} TFLOP per batch-1 forward")
-        graphed = graphs.Graphed(lambda x2, t, text: pipe.unet(x2, t, text))  # the fast path (CUDA graphs)
-        ms, gib = cuda_ms(lambda: graphed(x2, t, text), args.runs)
-        err = rel_err(graphed(x2, t, text), pipe.unet(x2, t, text))
-        row(size, "CFG UNet step (batch 2)", "lvd fast (CUDA graph)", ms, gib,
-            extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager; rel. error to eager {err:.1e}")
-        del graphed
+        y_eager = pipe.unet(x2, t, text)
+        for fused in (False, True):  # the fast path: CUDA graphs, then also the fused kernels (fused.py)
+            pipe.unet.fuse_(fused)
+            graphed = graphs.Graphed(lambda x2, t, text: pipe.unet(x2, t, text))
+            ms, gib = cuda_ms(lambda: graphed(x2, t, text), args.runs)
+            err = rel_err(graphed(x2, t, text), y_eager)
+            row(size, "CFG UNet step (batch 2)", FAST[fused], ms, gib,
+                extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager; rel. error to eager {err:.1e}")
+            del graphed
+        pipe.unet.fuse_(False)
         if args.compile:
             fast = torch.compile(pipe.unet, dynamic=False)
             ms, gib = cuda_ms(lambda: fast(x2, t, text), args.runs, warmup=3)
@@ -152,8 +158,9 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib)
     guide.fast = False
     g_ref = guide.loss_and_grad(x, t)[1]
-    for fast in (False, True):
-        guide.fast, tag = fast, " fast (CUDA graph)" if fast else ""
+    for fast, fused in ((False, False), (True, False), (True, True)):
+        guide.fast, tag = fast, " " + FAST[fused][4:] if fast else ""
+        pipe.unet.fuse_(fused)
         for mode in ("off", "cheap", "full"):
             guide.params = dataclasses.replace(params, checkpointing=mode)
             ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
@@ -165,6 +172,7 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
             if fast:
                 note += f"; gradient rel. error to eager {rel_err(guide.loss_and_grad(x, t)[1], g_ref):.1e}"
             row(size, "guidance pass (fwd+bwd, batch 1)", label, ms, gib, extra=note)
+    pipe.unet.fuse_(False)
     del guide
     if args.no_video:
         return

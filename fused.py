@@ -39,8 +39,13 @@ def available():
 # -----------------------------------------------------------------------------
 # the math, in plain PyTorch (the 'torch' backend, and the reference for kernels.py)
 
+def _acc(x):
+    """The dtype the math runs in: fp32 for fp16/bf16/fp32 inputs, float64 for float64 (the tests' oracle)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def group_stats(v, groups):
-    """Per-(n, group) mean and variance of v (n, s, c) fp32, from the per-channel ones: the reduction runs over s with
+    """Per-(n, group) mean and variance of v (n, s, c), from the per-channel ones: the reduction runs over s with
     the channels contiguous (coalesced reads), then, exactly (equal counts per channel), mean = mean_c(mean_c) and
     var = mean_c(var_c) + mean_c((mean_c − mean)²) within each group. -> (mean, var), each (n, 1, G, 1)."""
     n, s, c = v.shape
@@ -56,18 +61,19 @@ def group_mean(v, groups):
 
 
 def norm_forward(x, weight, bias, add, groups: int, eps: float, silu: bool):
-    """Group normalisation of x (n, s, c) over s and each group of c / groups channels, in fp32, then SiLU if
-    `silu`; `add` (n, 1, c), if not None, is added to x first. LayerNorm: groups = 0 (over c alone, per row).
-    -> (y (n, s, c) in x's dtype, mean, rstd: (n, 1, G, 1), or (n, s, 1, 1) for LayerNorm)."""
+    """Group normalisation of x (n, s, c) over s and each group of c / groups channels, in fp32 (float64 for a
+    float64 x), then SiLU if `silu`; `add` (n, 1, c), if not None, is added to x first. LayerNorm: groups = 0 (over
+    c alone, per row). -> (y (n, s, c) in x's dtype, mean, rstd: (n, 1, G, 1), or (n, s, 1, 1) for LayerNorm)."""
     n, s, c = x.shape
-    v = x.float() if add is None else x.float() + add.float()
+    f = _acc(x)
+    v = x.to(f) if add is None else x.to(f) + add.to(f)
     if groups:
         mean, var = group_stats(v, groups)
     else:
         var, mean = torch.var_mean(v.view(n, s, 1, c), dim=-1, correction=0, keepdim=True)
-    g = groups or 1
+    k = groups or 1
     rstd = torch.rsqrt(var + eps)
-    z = (v.view(n, s, g, c // g) - mean) * rstd * weight.float().view(g, -1) + bias.float().view(g, -1)
+    z = (v.view(n, s, k, c // k) - mean) * rstd * weight.to(f).view(k, -1) + bias.to(f).view(k, -1)
     y = F.silu(z) if silu else z
     return y.view(n, s, c).to(x.dtype), mean, rstd  # n s G c/G -> n s c
 
@@ -76,13 +82,13 @@ def norm_backward(g, x, weight, bias, add, mean, rstd, groups: int, silu: bool):
     """∂L/∂x of `norm_forward` for frozen weight and bias, from g = ∂L/∂y (n, s, c), recomputing x̂ from x:
     ∂L/∂x = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)), ĝ = w · ∂L/∂z, the means over each group (or row)."""
     n, s, c = x.shape
-    k = groups or 1
-    v = (x.float() if add is None else x.float() + add.float()).view(n, s, k, c // k)
-    w = weight.float().view(k, -1)
+    k, f = groups or 1, _acc(x)
+    v = (x.to(f) if add is None else x.to(f) + add.to(f)).view(n, s, k, c // k)
+    w = weight.to(f).view(k, -1)
     xhat = (v - mean) * rstd
-    gz = g.float().view(n, s, k, c // k)
+    gz = g.to(f).view(n, s, k, c // k)
     if silu:  # SiLU'(z) = σ(z) · (1 + z · (1 − σ(z)))
-        z = xhat * w + bias.float().view(k, -1)
+        z = xhat * w + bias.to(f).view(k, -1)
         sig = torch.sigmoid(z)
         gz = gz * sig * (1 + z * (1 - sig))
     ghat = gz * w
@@ -93,16 +99,16 @@ def norm_backward(g, x, weight, bias, add, mean, rstd, groups: int, silu: bool):
 
 def geglu_forward(h):
     """GEGLU's gate: h (..., 2·inner) -> value · GELU(gate), value the first half (exact GELU), in fp32."""
-    value, gate = h.float().chunk(2, dim=-1)
+    value, gate = h.to(_acc(h)).chunk(2, dim=-1)
     return (value * F.gelu(gate)).to(h.dtype)
 
 
 def geglu_backward(g, h):
     """∂L/∂h of `geglu_forward`: [g · GELU(gate), g · value · GELU'(gate)], GELU'(u) = Φ(u) + u · φ(u)."""
-    value, gate = h.float().chunk(2, dim=-1)
+    value, gate = h.to(_acc(h)).chunk(2, dim=-1)
     cdf = 0.5 * (1 + torch.erf(gate * 0.5 ** 0.5))
     pdf = torch.exp(-0.5 * gate * gate) * (2 * math.pi) ** -0.5
-    g = g.float()
+    g = g.to(value.dtype)
     return torch.cat([g * gate * cdf, g * value * (cdf + gate * pdf)], dim=-1).to(h.dtype)
 
 

@@ -10,6 +10,7 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
             if line.startswith("| 2x32x32")]
     got = {(r[1], r[2]): r for r in rows}
     want = [("CFG UNet step (batch 2)", "lvd eager"), ("CFG UNet step (batch 2)", "lvd fast (CUDA graph)"),
+            ("CFG UNet step (batch 2)", "lvd fast (CUDA graph + fused kernels)"),
             ("guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing off (truncated, 6 explicit maps)"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd --checkpointing cheap"),
@@ -17,6 +18,9 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
             ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing off"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing cheap"),
             ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph) --checkpointing full"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph + fused kernels) --checkpointing off"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph + fused kernels) --checkpointing cheap"),
+            ("guidance pass (fwd+bwd, batch 1)", "lvd fast (CUDA graph + fused kernels) --checkpointing full"),
             ("guided video (2 steps, 10 passes, decode)", "lvd --checkpointing off"),
             ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing off"),
             ("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing cheap (the default)"),
