@@ -20,7 +20,8 @@ Differences:
   cheap norms and activations in the backward (the default), or by checkpointing every block
   (`GuidanceParams.checkpointing`, §10.15). All are tested to give the official gradient.
 - On CUDA the pass is replayed from a CUDA graph (graphs.py): it reads no host value (top-k sizes from shapes,
-  token columns by slices, masks moved once), and the official pass is launch-bound where this one is not.
+  token columns by slices, masks moved once), and the official pass is launch-bound where this one is not. Its
+  norms and GEGLU run as fused kernels there (fused.py, set by lvd.generate), which keep only their inputs.
 - The energy divides by |O|·(number of layers given), which is |O|·6 for the guided set, as the official.
 - Energy units are the official, unnormalised ones: τ depends on frames and heads (§4.5 "Scale", §10.16).
 

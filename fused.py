@@ -18,22 +18,31 @@ ship) and 'torch' (this file's math: the reference). Measured against torch.comp
 
 Shapes: a channels-last (n, c, *s) activation is an (n, s, c) tensor in memory; the functions take that view.
 """
+import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 
 def available():
-    """True where the Triton kernels can run: CUDA, and Triton (which torch's CUDA wheels ship)."""
+    """True where the Triton kernels can run: CUDA, Triton (which torch's CUDA wheels ship), and one small kernel
+    compiles and runs on this GPU (else a warning, and the eager modules run: --fast keeps its CUDA graphs)."""
     if not torch.cuda.is_available():
         return False
     try:
-        from torch.utils._triton import has_triton
+        import kernels  # imports triton
     except ImportError:
         return False
-    return has_triton()
+    try:
+        kernels.geglu_fwd(torch.zeros(1, 2, device="cuda"))  # compiled once per process, then cached
+    except Exception as e:  # noqa: BLE001 (a Triton or driver failure on this GPU: run eagerly instead)
+        log.warning("fused kernels off, Triton failed on this GPU: %s: %s", type(e).__name__, e)
+        return False
+    return True
 
 
 # -----------------------------------------------------------------------------

@@ -129,6 +129,21 @@ def test_triton_backend_gives_cpu_tensors_the_reference_math(triton_kernels):
         assert k._for(torch.zeros(1, device="cuda")) is k
 
 
+def test_available_probes_the_kernels_and_falls_back_with_a_warning(triton_kernels, monkeypatch, caplog):
+    kernels, _ = triton_kernels
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: torch.empty(1, 2))  # the probe's input, without CUDA
+    monkeypatch.setattr(kernels, "geglu_fwd", lambda h: h[..., :1])  # a GPU where the probe kernel runs
+    assert fused.available()
+
+    def broken(h):
+        raise RuntimeError("PTX not supported on this device")
+    monkeypatch.setattr(kernels, "geglu_fwd", broken)
+    with caplog.at_level("WARNING", logger="fused"):
+        assert not fused.available()
+    assert "fused kernels off" in caplog.text and "PTX not supported" in caplog.text
+
+
 @pytest.mark.parametrize("rows,c", [(37, 320), (5, 1280), (64, 640)])
 def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, c):
     kernels, device = triton_kernels
