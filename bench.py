@@ -159,7 +159,7 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     guide.fast = False
     g_ref = guide.loss_and_grad(x, t)[1]
     for fast, fused in ((False, False), (True, False), (True, True)):
-        guide.fast, tag = fast, " " + FAST[fused][4:] if fast else ""
+        guide.fast, tag = fast, FAST[fused].removeprefix("lvd") if fast else ""
         pipe.unet.fuse_(fused)
         for mode in ("off", "cheap", "full"):
             guide.params = dataclasses.replace(params, checkpointing=mode)

@@ -55,6 +55,29 @@ def _store_per_channel(ptr, v, n, C, CG, G: tl.constexpr, CG_PAD: tl.constexpr):
 
 
 @triton.jit
+def _silu_grad(g, z):
+    """∂L/∂z from g = ∂L/∂SiLU(z): SiLU'(z) = σ(z)·(1 + z·(1 − σ(z)))."""
+    sig = tl.sigmoid(z)
+    return g * sig * (1 + z * (1 - sig))
+
+
+@triton.jit
+def _flat(total, SC, C, BLOCK: tl.constexpr):
+    """This program's BLOCK flat indices o into an (n, s, c) tensor, their mask, and their per-(n, c) index."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return o, o < total, (o // SC) * C + o % C
+
+
+@triton.jit
+def _rows(R, C, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's BLOCK_R rows of an (R, C) tensor: rows, columns, column mask, tile mask, tile offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, C_PAD)
+    cm = cols < C
+    return rows, cols, cm, (rows[:, None] < R) & cm[None, :], rows[:, None].to(tl.int64) * C + cols[None, :]
+
+
+@triton.jit
 def _chunk_stats(x_ptr, add_ptr, mean_ptr, m2_ptr, S, C, CG, K, ITERS, HAS_ADD: tl.constexpr, G: tl.constexpr,
                  CG_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (n, k): ITERS blocks of BLOCK_S rows of sample n, merged one by one (Chan) -> per group the
@@ -143,10 +166,8 @@ def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1
         r0 = (k * ITERS + it) * BLOCK_S
         x, mask = _tile(x_ptr, n, r0, S, C, CG, G, CG_PAD, BLOCK_S)
         gz, _ = _tile(g_ptr, n, r0, S, C, CG, G, CG_PAD, BLOCK_S)
-        if SILU:  # SiLU'(z) = σ(z)·(1 + z·(1 − σ(z)))
-            z = x * scale[None] + shift[None]
-            sig = tl.sigmoid(z)
-            gz = gz * sig * (1 + z * (1 - sig))
+        if SILU:
+            gz = _silu_grad(gz, x * scale[None] + shift[None])
         ghat = gz * w[None]  # zero outside the mask (gz is)
         xhat = x * r[None] + q[None]
         s1 += tl.sum(tl.sum(ghat, axis=2), axis=0)
@@ -183,9 +204,7 @@ def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr
 @triton.jit
 def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.constexpr, BLOCK: tl.constexpr):
     """y = [SiLU](x·scale + shift), scale and shift per (n, c)."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < total
-    vec = (o // SC) * C + o % C
+    o, m, vec = _flat(total, SC, C, BLOCK)
     z = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32) * tl.load(scale_ptr + vec, mask=m, other=0.0) \
         + tl.load(shift_ptr + vec, mask=m, other=0.0)
     if SILU:
@@ -197,16 +216,12 @@ def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.cons
 def _norm_grad(x_ptr, g_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total, SC, C, SILU: tl.constexpr,
                BLOCK: tl.constexpr):
     """∂L/∂x = ∂L/∂z·scale + x·c3 + c4 (the GroupNorm input gradient, rearranged per (n, c))."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < total
-    vec = (o // SC) * C + o % C
+    o, m, vec = _flat(total, SC, C, BLOCK)
     x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
     gz = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + vec, mask=m, other=0.0)
     if SILU:
-        z = x * scale + tl.load(shift_ptr + vec, mask=m, other=0.0)
-        sig = tl.sigmoid(z)
-        gz = gz * sig * (1 + z * (1 - sig))
+        gz = _silu_grad(gz, x * scale + tl.load(shift_ptr + vec, mask=m, other=0.0))
     dx = gz * scale + x * tl.load(c3_ptr + vec, mask=m, other=0.0) + tl.load(c4_ptr + vec, mask=m, other=0.0)
     tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -214,11 +229,7 @@ def _norm_grad(x_ptr, g_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total
 @triton.jit
 def _layer_norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, C_PAD: tl.constexpr,
                     BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, C_PAD)
-    cm = cols < C
-    mask = (rows[:, None] < R) & cm[None, :]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -233,11 +244,7 @@ def _layer_norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, C
 @triton.jit
 def _layer_norm_bwd(x_ptr, g_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, R, C, C_PAD: tl.constexpr,
                     BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, C_PAD)
-    cm = cols < C
-    mask = (rows[:, None] < R) & cm[None, :]
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
     rstd = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)[:, None]
     xhat = tl.where(mask, (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                            - tl.load(mean_ptr + rows, mask=rows < R, other=0.0)[:, None]) * rstd, 0.0)
@@ -249,23 +256,25 @@ def _layer_norm_bwd(x_ptr, g_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, R, C, C_PAD
 
 
 @triton.jit
-def _geglu_fwd(h_ptr, y_ptr, total, I, BLOCK: tl.constexpr):
+def _geglu_halves(h_ptr, total, I, BLOCK: tl.constexpr):
+    """This program's BLOCK flat (R, I) indices o, their mask, h's value-half index, and the value and gate."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < total
     src = (o // I) * 2 * I + o % I  # (R, I) index -> the value half of row r of h (R, 2I)
     value = tl.load(h_ptr + src, mask=m, other=0.0).to(tl.float32)
-    gate = tl.load(h_ptr + src + I, mask=m, other=0.0).to(tl.float32)
+    return o, m, src, value, tl.load(h_ptr + src + I, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _geglu_fwd(h_ptr, y_ptr, total, I, BLOCK: tl.constexpr):
+    o, m, _, value, gate = _geglu_halves(h_ptr, total, I, BLOCK)
     y = value * 0.5 * gate * (1 + tl.erf(gate * 0.7071067811865476))
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr):
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = o < total
-    src = (o // I) * 2 * I + o % I
-    value = tl.load(h_ptr + src, mask=m, other=0.0).to(tl.float32)
-    gate = tl.load(h_ptr + src + I, mask=m, other=0.0).to(tl.float32)
+    o, m, src, value, gate = _geglu_halves(h_ptr, total, I, BLOCK)
     g = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
     cdf = 0.5 * (1 + tl.erf(gate * 0.7071067811865476))
     pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1/√(2π)

@@ -27,8 +27,8 @@ for path in (ROOT, os.path.join(ROOT, "scripts")):
 import attention  # noqa: E402
 import fused  # noqa: E402
 from bench import cuda_ms, rel_err  # noqa: E402
+from bench_layout import kernel_summary, setup, sizes_of  # noqa: E402
 from graphs import Graphed, graph_pool  # noqa: E402
-from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 
 def gb(v):
@@ -94,7 +94,7 @@ def run_size(unet, f, h, w, device, dtype, ctx_dim, kernels, runs, do_profile=Fa
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            y = step(torch.cat([x, x]), t, ctx)
+            step(torch.cat([x, x]), t, ctx)  # the first call: warm-up (and the kernels compile)
         sync()
         first = time.perf_counter() - t0
         with torch.no_grad():
@@ -103,7 +103,6 @@ def run_size(unet, f, h, w, device, dtype, ctx_dim, kernels, runs, do_profile=Fa
         step.reset()
         if do_profile and on:
             from torch.profiler import ProfilerActivity, profile
-            from bench_layout import kernel_summary
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 unet(torch.cat([x, x]), t, ctx)
                 sync()
@@ -148,18 +147,12 @@ def main(argv=None):
     ap.add_argument("--sizes", help="frames x height x width (pixels); default 16x256x256,24x320x576")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="the top kernels of the fused eager CFG step")
-    ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU (compiled for the CPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny config on the CPU (the fused math through the 'torch' backend)")
     args = ap.parse_args(argv)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = torch.float32 if args.smoke else torch.float16
-    sizes = args.sizes or ("2x64x96" if args.smoke else "16x256x256,24x320x576")
-    cfg = UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32) if args.smoke else UNet3DConfig()
-    with torch.device(device):
-        unet = UNet3D(cfg).to(dtype).eval().requires_grad_(False)
+    device, dtype, cfg, unet = setup(args.smoke)
     kernels = fused.Kernels("triton" if fused.available() else "torch")
-    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {dtype}")
-    for size in sizes.split(","):
-        f, hp, wp = (int(v) for v in size.split("x"))
+    for size, f, hp, wp in sizes_of(args.sizes, args.smoke):
         print(f"\n# {size}: latent {f}x{hp // 8}x{wp // 8}", flush=True)
         micro(f, hp // 8, wp // 8, cfg.block_out_channels[0], device, dtype, kernels, 1 if args.smoke else args.runs)
         run_size(unet, f, hp // 8, wp // 8, device, dtype, cfg.cross_attention_dim, kernels,

@@ -91,6 +91,24 @@ def bench_cfg_step(unet, f, h, w, device, dtype, ctx_dim, do_profile):
             kernel_summary(prof, cuda)
 
 
+def setup(smoke):
+    """-> (device, dtype, config, UNet with random weights): the real config in fp16 on CUDA, or with `smoke` the
+    tiny one in fp32 on the CPU; prints the machine line. Shared with scripts/bench_fused.py."""
+    device = torch.device("cpu" if smoke else "cuda")
+    dtype = torch.float32 if smoke else torch.float16
+    cfg = UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32) if smoke else UNet3DConfig()
+    with torch.device(device):
+        unet = UNet3D(cfg).to(dtype).eval().requires_grad_(False)  # channels-last weights (UNet3D.__init__)
+    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {dtype}")
+    return device, dtype, cfg, unet
+
+
+def sizes_of(sizes, smoke):
+    """'FxHxW,...' (default 16x256x256,24x320x576; smoke: 2x64x96) -> [(label, f, height, width)] in pixels."""
+    sizes = sizes or ("2x64x96" if smoke else "16x256x256,24x320x576")
+    return [(size, *(int(v) for v in size.split("x"))) for size in sizes.split(",")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -98,15 +116,8 @@ def main(argv=None):
     ap.add_argument("--no-profile", action="store_true", help="timings only")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU, small sizes: checks the code")
     args = ap.parse_args(argv)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = torch.float32 if args.smoke else torch.float16
-    sizes = args.sizes or ("2x64x96" if args.smoke else "16x256x256,24x320x576")
-    cfg = UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32) if args.smoke else UNet3DConfig()
-    with torch.device(device):
-        unet = UNet3D(cfg).to(dtype).eval().requires_grad_(False)  # channels-last weights (UNet3D.__init__)
-    print(f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {dtype}")
-    for size in sizes.split(","):
-        f, hp, wp = (int(v) for v in size.split("x"))
+    device, dtype, cfg, unet = setup(args.smoke)
+    for size, f, hp, wp in sizes_of(args.sizes, args.smoke):
         print(f"\n# {size}: latent {f}x{hp // 8}x{wp // 8}", flush=True)
         bench_group_norm(cfg.block_out_channels[0], f, hp // 8, wp // 8, device, dtype)
         bench_cfg_step(unet, f, hp // 8, wp // 8, device, dtype, cfg.cross_attention_dim, not args.no_profile)
