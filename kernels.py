@@ -17,8 +17,6 @@ resnet's time embedding) and the affine parameters fold into them. Everything is
 Glossary: n (samples), s (positions per sample), c (channels), G (groups, a power of 2), CG (channels per group),
 K (row chunks per sample), R (LayerNorm / GEGLU rows), I (GEGLU inner width).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -285,14 +283,10 @@ def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr):
 # -----------------------------------------------------------------------------
 # launchers: the same signatures and results as fused.norm_forward / norm_backward / geglu_forward / geglu_backward
 
-def _pow2(v):
-    return 1 << max(0, math.ceil(math.log2(v)))
-
-
 def _chunks(n, s, groups, cg):
     """(CG_PAD, BLOCK_S, ITERS, K): tiles of about _TILE elements; each of the K programs per sample reads ITERS
     of them, so that the grid has about _PROGRAMS programs."""
-    cg_pad = _pow2(cg)
+    cg_pad = triton.next_power_of_2(cg)
     block_s = max(1, _TILE // (groups * cg_pad))
     blocks = triton.cdiv(s, block_s)
     iters = triton.cdiv(blocks, min(blocks, max(1, _PROGRAMS // n)))
@@ -342,7 +336,7 @@ def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu):
 
 
 def _ln_blocks(c):
-    c_pad = _pow2(c)
+    c_pad = triton.next_power_of_2(c)
     return c_pad, max(1, _TILE // 2 // c_pad)
 
 
