@@ -1,4 +1,5 @@
-"""Fused kernels for the UNet's memory-bound work: GroupNorm (+ SiLU, + a broadcast add), LayerNorm, GEGLU's gate.
+"""Fused kernels for the UNet's memory-bound work: GroupNorm (+ SiLU, + a broadcast add), LayerNorm, GEGLU's gate,
+and residual adds that take the bias of the convolution before them.
 
 What to read: results/perf-notes.md (2026-12-01: after CUDA graphs and channels-last, a third of the 576×320×24 CFG
 step's kernel time was eager GroupNorm, SiLU, GEGLU, LayerNorm and bias adds, each a separate pass over memory at
@@ -12,6 +13,8 @@ against them, and they against the eager modules (tests/test_fused.py).
 How: `UNet3D.fuse_()` gives one `Kernels` to every GroupNorm, LayerNorm and GEGLU module of the UNet (not the VAE);
 their forward then calls `_Norm` / `_GEGLU`, autograd Functions for frozen weights whose backward is a kernel too
 and which keep only the input and the (n, groups) statistics (what the 'cheap' memory mode keeps by hand).
+With the kernels on, the resnets and temporal convolutions run their convolutions without bias and fold it into
+the next fused op: the next GroupNorm's add (with the time embedding) or the residual add (`Kernels.add`).
 Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
 ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
 (dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
@@ -121,6 +124,13 @@ def geglu_backward(g, h):
     return torch.cat([g * gate * cdf, g * value * (cdf + gate * pdf)], dim=-1).to(h.dtype)
 
 
+def add_forward(a, b, bias):
+    """a + b + bias for a, b (n, s, c) and bias (c,), in fp32, rounded once: a residual add that takes the bias of
+    the convolution before it (which PyTorch would add in a pass of its own)."""
+    f = _acc(a)
+    return (a.to(f) + b.to(f) + bias.to(f)).to(a.dtype)
+
+
 class _Norm(torch.autograd.Function):
     """y = norm(x) with frozen weights through k.gn / k.gn_bwd (or k.ln / k.ln_bwd); keeps x and the statistics."""
 
@@ -162,6 +172,20 @@ class _GEGLU(torch.autograd.Function):
         return ctx.k.geglu_bwd(g.contiguous(), h), None
 
 
+class _Add(torch.autograd.Function):
+    """y = a + b + bias (frozen bias): ∂L/∂a = ∂L/∂b = g; keeps nothing."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, k):
+        if ctx.needs_input_grad[2]:
+            raise ValueError("fused adds are for frozen biases (inference and latent guidance) only")
+        return k.add_fwd(a, b, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g, None, None
+
+
 class Kernels:
     """The fused functions for the modules of one model (`UNet3D.fuse_`): backend 'triton' (kernels.py, the fast
     path) or 'torch' (the same math in plain PyTorch above: the reference, and what runs without Triton)."""
@@ -172,11 +196,13 @@ class Kernels:
             self.gn, self.gn_bwd = kernels.group_norm_fwd, kernels.group_norm_bwd
             self.ln, self.ln_bwd = kernels.layer_norm_fwd, kernels.layer_norm_bwd
             self.geglu_fwd, self.geglu_bwd = kernels.geglu_fwd, kernels.geglu_bwd
+            self.add_fwd = kernels.add_bias
         elif backend == "torch":
             self.gn, self.gn_bwd = norm_forward, norm_backward
             self.ln = lambda x, w, b, eps: norm_forward(x, w, b, None, 0, eps, False)
             self.ln_bwd = lambda g, x, w, b, mean, rstd: norm_backward(g, x, w, b, None, mean, rstd, 0, False)
             self.geglu_fwd, self.geglu_bwd = geglu_forward, geglu_backward
+            self.add_fwd = add_forward
         else:
             raise ValueError(f"Kernels: backend must be 'triton' or 'torch', got {backend!r}")
         self.backend = backend
@@ -206,6 +232,15 @@ class Kernels:
 
     def geglu(self, h):
         return _GEGLU.apply(h, self._for(h))
+
+    def add(self, a, b, bias):
+        """a + b + bias (c,) for a, b (n, c, *s) of one shape; channels-last in one fused pass, else eagerly."""
+        n, c = a.shape[:2]
+        at, bt = a.movedim(1, -1), b.movedim(1, -1)  # n c *s -> n *s c, views
+        if not (at.is_contiguous() and bt.is_contiguous() and a.shape == b.shape):
+            return a + b + bias.view(c, *[1] * (a.dim() - 2))
+        y = _Add.apply(at.view(n, -1, c), bt.view(n, -1, c), bias, self._for(a))
+        return y.view(at.shape).movedim(-1, 1)  # n s c -> n *s c -> n c *s, channels-last
 
 
 class LayerNorm(nn.LayerNorm):

@@ -1,16 +1,19 @@
 """Triton kernels for fused.py: GroupNorm (+ SiLU) on channels-last activations, LayerNorm and GEGLU's gate, forward
-and backward (frozen weights: the backward gives ∂L/∂x only).
+and backward (frozen weights: the backward gives ∂L/∂x only), and a residual add with a folded bias.
 
 What to read: fused.py (the same math in plain PyTorch, `norm_forward`, `norm_backward`, `geglu_forward`,
-`geglu_backward`: the reference these kernels are tested against, tests/test_fused.py); results/perf-notes.md.
+`geglu_backward`, `add_forward`: the reference these kernels are tested against, tests/test_fused.py);
+results/perf-notes.md.
 
 Official implementation: none (diffusers and the official LVD code run nn.GroupNorm, F.silu, nn.LayerNorm and
 GEGLU eagerly, each a separate pass over memory). Imported only where Triton is (fused.available()); on the CPU the
 tests run these kernels in Triton's interpreter (TRITON_INTERPRET=1).
 
 Layout: a channels-last (n, c, *s) activation is x (n, s, c) in memory, channels contiguous. GroupNorm's statistics
-are two-level: a program reads BLOCK_S rows × all channels (coalesced) and writes, per group, its chunk's mean and
-sum of squared deviations (M2); `group_stats` merges the chunks exactly (Chan et al.'s parallel variance) in fp32.
+are two-level, as `fused.group_stats`: a program reads tiles of BLOCK_S rows × BLOCK_C channels (coalesced,
+vectorised, no padding of the 10-channel groups) and writes, per channel, its chunk's mean and sum of squared
+deviations (M2), each lane running Welford's update; one program per (sample, group) then merges the chunks and
+the group's channels exactly (Chan et al.'s parallel variance) in fp32.
 The apply kernels are flat elementwise passes with per-(n, c) scale and shift vectors, so the broadcast add (the
 resnet's time embedding) and the affine parameters fold into them. Everything is computed in fp32 and rounded once.
 
@@ -21,35 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 8192  # elements per program in the reduction kernels
+_TILE = 8192  # elements per program-tile in the LayerNorm and merge kernels
 _FLAT = 2048  # elements per program in the elementwise kernels
-_PROGRAMS = 1024  # about this many programs in a GroupNorm reduction grid (the H200 has 132 SMs)
-_BLOCK_K = 64  # chunks merged at a time
+_BLOCK_S, _BLOCK_C = 64, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
+_PROGRAMS = 2048  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
+_MERGE = 2048  # partials per tile in the merge kernels
 
 
 @triton.jit
-def _tile(ptr, n, r0, S, C, CG, G: tl.constexpr, CG_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Rows [r0, r0 + BLOCK_S) of sample n as a (BLOCK_S, G, CG_PAD) fp32 tile (zeros outside), and its mask."""
-    rows = r0 + tl.arange(0, BLOCK_S)
+def _group_channels(g, CG, CG_PAD: tl.constexpr):
+    """Group g's channel indices (CG_PAD,) and their mask."""
     j = tl.arange(0, CG_PAD)
-    ch = tl.arange(0, G)[:, None] * CG + j[None, :]  # (G, CG_PAD) channel index
-    mask = (rows[:, None, None] < S) & (j[None, None, :] < CG)
-    x = tl.load(ptr + n.to(tl.int64) * S * C + rows[:, None, None] * C + ch[None, :, :], mask=mask, other=0.0)
-    return x.to(tl.float32), mask
-
-
-@triton.jit
-def _per_channel(ptr, n, C, CG, G: tl.constexpr, CG_PAD: tl.constexpr):
-    """A per-(n, c) (or, with n = 0, per-c) vector as a (G, CG_PAD) fp32 tile."""
-    j = tl.arange(0, CG_PAD)
-    ch = tl.arange(0, G)[:, None] * CG + j[None, :]
-    return tl.load(ptr + n * C + ch, mask=j[None, :] < CG, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_per_channel(ptr, v, n, C, CG, G: tl.constexpr, CG_PAD: tl.constexpr):
-    j = tl.arange(0, CG_PAD)
-    tl.store(ptr + n * C + tl.arange(0, G)[:, None] * CG + j[None, :], v, mask=j[None, :] < CG)
+    return g * CG + j, j < CG
 
 
 @triton.jit
@@ -76,127 +62,155 @@ def _rows(R, C, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _chunk_stats(x_ptr, add_ptr, mean_ptr, m2_ptr, S, C, CG, K, ITERS, HAS_ADD: tl.constexpr, G: tl.constexpr,
-                 CG_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (n, k): ITERS blocks of BLOCK_S rows of sample n, merged one by one (Chan) -> per group the
-    chunk's mean and M2."""
+def _lanes(x_ptr, n, k, S, C, ITERS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (n, k, cb)'s columns, their mask, and the row-block iterator's pieces: (cols, cm, base, r0s)."""
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cols, cols < C, x_ptr + n.to(tl.int64) * S * C, k * ITERS * BLOCK_S
+
+
+@triton.jit
+def _load_rows(base, r0, S, C, cols, cm, BLOCK_S: tl.constexpr):
+    """Rows [r0, r0 + BLOCK_S) × cols of one sample as an fp32 (BLOCK_S, BLOCK_C) tile (zeros outside), and the
+    rows' validity (BLOCK_S, 1)."""
+    rows = r0 + tl.arange(0, BLOCK_S)
+    valid = (rows < S)[:, None]
+    x = tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=valid & cm[None, :], other=0.0)
+    return x.to(tl.float32), valid
+
+
+@triton.jit
+def _chunk_stats(x_ptr, mean_ptr, m2_ptr, S, C, K, ITERS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (n, k, cb): rows [k·ITERS·BLOCK_S, (k + 1)·ITERS·BLOCK_S) of sample n, channels
+    [cb·BLOCK_C, (cb + 1)·BLOCK_C) -> per channel the chunk's mean and M2. Each lane (row slot, channel) runs
+    Welford's update over the ITERS row blocks (no cross-thread work in the loop); the lanes are merged once at
+    the end (Chan, by their counts)."""
     n, k = tl.program_id(0), tl.program_id(1)
-    count = tl.zeros([G], dtype=tl.float32)
-    mean = tl.zeros([G], dtype=tl.float32)
-    m2 = tl.zeros([G], dtype=tl.float32)
+    cols, cm, base, r0 = _lanes(x_ptr, n, k, S, C, ITERS, BLOCK_S, BLOCK_C)
+    cnt = tl.zeros([BLOCK_S, 1], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for it in range(ITERS):
-        r0 = (k * ITERS + it) * BLOCK_S
-        x, mask = _tile(x_ptr, n, r0, S, C, CG, G, CG_PAD, BLOCK_S)
-        if HAS_ADD:
-            x = tl.where(mask, x + _per_channel(add_ptr, n, C, CG, G, CG_PAD)[None], 0.0)
-        nb = (tl.minimum(tl.maximum(S - r0, 0), BLOCK_S) * CG).to(tl.float32)
-        mb = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(nb, 1.0)  # (G,)
-        d = tl.where(mask, x - mb[None, :, None], 0.0)
-        total = count + nb
-        frac = tl.where(total > 0, nb / tl.maximum(total, 1.0), 0.0)
-        delta = mb - mean
-        mean = mean + delta * frac
-        m2 = m2 + tl.sum(tl.sum(d * d, axis=2), axis=0) + delta * delta * count * frac
-        count = total
-    out = (n * K + k) * G + tl.arange(0, G)
-    tl.store(mean_ptr + out, mean)
-    tl.store(m2_ptr + out, m2)
+        x, valid = _load_rows(base, r0 + it * BLOCK_S, S, C, cols, cm, BLOCK_S)
+        cnt += valid.to(tl.float32)
+        delta = x - mean
+        mean += tl.where(valid, delta / tl.maximum(cnt, 1.0), 0.0)
+        m2 += tl.where(valid, delta * (x - mean), 0.0)
+    total = tl.maximum(tl.sum(cnt, axis=0), 1.0)  # (1,)
+    chunk_mean = tl.sum(cnt * mean, axis=0) / total  # (BLOCK_C,)
+    d = mean - chunk_mean[None, :]
+    out = (n * K + k) * C + cols
+    tl.store(mean_ptr + out, chunk_mean, mask=cm)
+    tl.store(m2_ptr + out, tl.sum(m2 + cnt * d * d, axis=0), mask=cm)
+
+
+@triton.jit
+def _partials(ptr, n, kk, K, C, ch, cm):
+    """Per-(n, k, c) partials of chunks kk (BLOCK_K,) and channels ch (CG_PAD,) as a fp32 tile, and its mask."""
+    mask = (kk < K)[:, None] & cm[None, :]
+    return tl.load(ptr + (n * K + kk)[:, None] * C + ch[None, :], mask=mask, other=0.0), mask
 
 
 @triton.jit
 def _group_affine(mean_k_ptr, m2_k_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, S, C, CG,
                   K, ROWS, eps, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program n: merge the K chunks (each ROWS rows) exactly -> mean, rstd (n, G), and per (n, c) the scale
-    and shift with z = x·scale + shift = w·((x + add) − mean)·rstd + b."""
-    n = tl.program_id(0)
-    g = tl.arange(0, G)
+    """Program (n, g): merge the K chunks (each ROWS rows) of group g's CG channels exactly (Chan) -> its mean and
+    rstd, and per channel the scale and shift with z = x·scale + shift = w·((x + add) − mean)·rstd + b."""
+    n, g = tl.program_id(0), tl.program_id(1)
+    ch, cm = _group_channels(g, CG, CG_PAD)
+    a = tl.zeros([CG_PAD], dtype=tl.float32)
+    if HAS_ADD:  # the add shifts each channel's mean
+        a += tl.load(add_ptr + n * C + ch, mask=cm, other=0.0).to(tl.float32)
     total = (S * CG).to(tl.float32)
-    acc = tl.zeros([G], dtype=tl.float32)
+    acc = tl.zeros([CG_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        cnt = (tl.minimum(tl.maximum(S - kk * ROWS, 0), ROWS) * CG).to(tl.float32)
-        m = tl.load(mean_k_ptr + (n * K + kk)[:, None] * G + g[None, :], mask=(kk < K)[:, None], other=0.0)
-        acc += tl.sum(cnt[:, None] * m, axis=0)
-    mean = acc / total
-    acc = tl.zeros([G], dtype=tl.float32)
+        cnt = (tl.minimum(tl.maximum(S - kk * ROWS, 0), ROWS)).to(tl.float32)[:, None]
+        m, mask = _partials(mean_k_ptr, n, kk, K, C, ch, cm)
+        acc += tl.sum(tl.where(mask, cnt * (m + a[None, :]), 0.0), axis=0)
+    mean = tl.sum(acc, axis=0) / total
+    acc = tl.zeros([CG_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        cnt = (tl.minimum(tl.maximum(S - kk * ROWS, 0), ROWS) * CG).to(tl.float32)
-        offs = (n * K + kk)[:, None] * G + g[None, :]
-        m = tl.load(mean_k_ptr + offs, mask=(kk < K)[:, None], other=0.0)
-        q = tl.load(m2_k_ptr + offs, mask=(kk < K)[:, None], other=0.0)
-        acc += tl.sum(q + cnt[:, None] * (m - mean[None, :]) * (m - mean[None, :]), axis=0)
-    rstd = 1 / tl.sqrt(acc / total + eps)
+        cnt = (tl.minimum(tl.maximum(S - kk * ROWS, 0), ROWS)).to(tl.float32)[:, None]
+        m, mask = _partials(mean_k_ptr, n, kk, K, C, ch, cm)
+        q, _ = _partials(m2_k_ptr, n, kk, K, C, ch, cm)
+        d = m + a[None, :] - mean
+        acc += tl.sum(tl.where(mask, q + cnt * d * d, 0.0), axis=0)
+    rstd = 1 / tl.sqrt(tl.sum(acc, axis=0) / total + eps)
     tl.store(mean_ptr + n * G + g, mean)
     tl.store(rstd_ptr + n * G + g, rstd)
-    scale = rstd[:, None] * _per_channel(w_ptr, 0, C, CG, G, CG_PAD)
-    shift = _per_channel(b_ptr, 0, C, CG, G, CG_PAD) - mean[:, None] * scale
-    if HAS_ADD:
-        shift += _per_channel(add_ptr, n, C, CG, G, CG_PAD) * scale
-    _store_per_channel(scale_ptr, scale, n, C, CG, G, CG_PAD)
-    _store_per_channel(shift_ptr, shift, n, C, CG, G, CG_PAD)
+    scale = rstd * tl.load(w_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+    shift = tl.load(b_ptr + ch, mask=cm, other=0.0).to(tl.float32) + (a - mean) * scale
+    tl.store(scale_ptr + n * C + ch, scale, mask=cm)
+    tl.store(shift_ptr + n * C + ch, shift, mask=cm)
 
 
 @triton.jit
-def _backward_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, C, CG, HAS_ADD: tl.constexpr, G: tl.constexpr,
-                      CG_PAD: tl.constexpr):
-    """Per channel of sample n (G, CG_PAD): r, q with x̂ = x·r + q; scale, shift with z = x·scale + shift; w."""
-    r = tl.load(rstd_ptr + n * G + tl.arange(0, G))[:, None] + tl.zeros([G, CG_PAD], dtype=tl.float32)
-    mean = tl.load(mean_ptr + n * G + tl.arange(0, G))[:, None]
-    q = -mean * r
+def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, C, CG, G: tl.constexpr,
+                     HAS_ADD: tl.constexpr):
+    """`_backward_vectors` for the channels cols of sample n, as (1, BLOCK_C) rows: r, q, scale, shift, w."""
+    grp = n * G + cols // CG
+    r = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+    q = -tl.load(mean_ptr + grp, mask=cm, other=0.0) * r
     if HAS_ADD:
-        q += _per_channel(add_ptr, n, C, CG, G, CG_PAD) * r
-    w = _per_channel(w_ptr, 0, C, CG, G, CG_PAD)
-    return r, q, r * w, q * w + _per_channel(b_ptr, 0, C, CG, G, CG_PAD), w
+        q += tl.load(add_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32) * r
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    shift = q * w + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    return r[None, :], q[None, :], (r * w)[None, :], shift[None, :], w[None, :]
 
 
 @triton.jit
 def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1_ptr, s2_ptr, S, C, CG, K, ITERS,
-                     HAS_ADD: tl.constexpr, SILU: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
-    """Program (n, k): per group, Σ ĝ and Σ ĝ·x̂ over its ITERS blocks, ĝ = w·∂L/∂z."""
+                     HAS_ADD: tl.constexpr, SILU: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """Program (n, k, cb), the tiles of `_chunk_stats`: per channel Σ ĝ and Σ ĝ·x̂ over the chunk, ĝ = w·∂L/∂z
+    (summed per lane in the loop, over the lanes at the end)."""
     n, k = tl.program_id(0), tl.program_id(1)
-    r, q, scale, shift, w = _backward_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, C, CG, HAS_ADD, G,
-                                              CG_PAD)
-    s1 = tl.zeros([G], dtype=tl.float32)
-    s2 = tl.zeros([G], dtype=tl.float32)
+    cols, cm, base, r0 = _lanes(x_ptr, n, k, S, C, ITERS, BLOCK_S, BLOCK_C)
+    r, q, scale, shift, w = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, C, CG, G,
+                                             HAS_ADD)
+    gbase = g_ptr + n.to(tl.int64) * S * C
+    s1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for it in range(ITERS):
-        r0 = (k * ITERS + it) * BLOCK_S
-        x, mask = _tile(x_ptr, n, r0, S, C, CG, G, CG_PAD, BLOCK_S)
-        gz, _ = _tile(g_ptr, n, r0, S, C, CG, G, CG_PAD, BLOCK_S)
+        x, valid = _load_rows(base, r0 + it * BLOCK_S, S, C, cols, cm, BLOCK_S)
+        gz, _ = _load_rows(gbase, r0 + it * BLOCK_S, S, C, cols, cm, BLOCK_S)
         if SILU:
-            gz = _silu_grad(gz, x * scale[None] + shift[None])
-        ghat = gz * w[None]  # zero outside the mask (gz is)
-        xhat = x * r[None] + q[None]
-        s1 += tl.sum(tl.sum(ghat, axis=2), axis=0)
-        s2 += tl.sum(tl.sum(ghat * xhat, axis=2), axis=0)
-    out = (n * K + k) * G + tl.arange(0, G)
-    tl.store(s1_ptr + out, s1)
-    tl.store(s2_ptr + out, s2)
+            gz = _silu_grad(gz, x * scale + shift)
+        ghat = gz * w  # zero outside the mask (gz is)
+        s1 += ghat
+        s2 += ghat * (x * r + q)
+    out = (n * K + k) * C + cols
+    tl.store(s1_ptr + out, tl.sum(s1, axis=0), mask=cm)
+    tl.store(s2_ptr + out, tl.sum(s2, axis=0), mask=cm)
 
 
 @triton.jit
 def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, c3_ptr,
                        c4_ptr, S, C, CG, K, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """Program n: m1 = mean(ĝ), m2 = mean(ĝ·x̂) per group; ∂L/∂x = r·(ĝ − m1 − x̂·m2) = ∂L/∂z·scale + x·c3 + c4."""
-    n = tl.program_id(0)
-    g = tl.arange(0, G)
-    a1 = tl.zeros([G], dtype=tl.float32)
-    a2 = tl.zeros([G], dtype=tl.float32)
+    """Program (n, g): m1 = mean(ĝ), m2 = mean(ĝ·x̂) over group g; per channel, ∂L/∂x = r·(ĝ − m1 − x̂·m2)
+    = ∂L/∂z·scale + x·c3 + c4 (x̂ = x·r + q, z = x·scale + shift)."""
+    n, g = tl.program_id(0), tl.program_id(1)
+    ch, cm = _group_channels(g, CG, CG_PAD)
+    a1 = tl.zeros([CG_PAD], dtype=tl.float32)
+    a2 = tl.zeros([CG_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        offs = (n * K + kk)[:, None] * G + g[None, :]
-        a1 += tl.sum(tl.load(s1_ptr + offs, mask=(kk < K)[:, None], other=0.0), axis=0)
-        a2 += tl.sum(tl.load(s2_ptr + offs, mask=(kk < K)[:, None], other=0.0), axis=0)
+        a1 += tl.sum(_partials(s1_ptr, n, kk, K, C, ch, cm)[0], axis=0)
+        a2 += tl.sum(_partials(s2_ptr, n, kk, K, C, ch, cm)[0], axis=0)
     total = (S * CG).to(tl.float32)
-    m1, m2 = (a1 / total)[:, None], (a2 / total)[:, None]
-    r, q, scale, shift, w = _backward_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, C, CG, HAS_ADD, G,
-                                              CG_PAD)
-    _store_per_channel(scale_ptr, scale, n, C, CG, G, CG_PAD)
-    _store_per_channel(shift_ptr, shift, n, C, CG, G, CG_PAD)
-    _store_per_channel(c3_ptr, -r * r * m2, n, C, CG, G, CG_PAD)
-    _store_per_channel(c4_ptr, -r * (m1 + q * m2), n, C, CG, G, CG_PAD)
+    m1, m2 = tl.sum(a1, axis=0) / total, tl.sum(a2, axis=0) / total
+    r = tl.load(rstd_ptr + n * G + g)
+    q = -tl.load(mean_ptr + n * G + g) * r + tl.zeros([CG_PAD], dtype=tl.float32)
+    if HAS_ADD:
+        q += tl.load(add_ptr + n * C + ch, mask=cm, other=0.0).to(tl.float32) * r
+    w = tl.load(w_ptr + ch, mask=cm, other=0.0).to(tl.float32)
+    out = n * C + ch
+    tl.store(scale_ptr + out, r * w, mask=cm)
+    tl.store(shift_ptr + out, q * w + tl.load(b_ptr + ch, mask=cm, other=0.0).to(tl.float32), mask=cm)
+    tl.store(c3_ptr + out, -r * r * m2 + tl.zeros([CG_PAD], dtype=tl.float32), mask=cm)
+    tl.store(c4_ptr + out, -r * (m1 + q * m2), mask=cm)
 
 
 @triton.jit
@@ -222,6 +236,16 @@ def _norm_grad(x_ptr, g_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total
         gz = _silu_grad(gz, x * scale + tl.load(shift_ptr + vec, mask=m, other=0.0))
     dx = gz * scale + x * tl.load(c3_ptr + vec, mask=m, other=0.0) + tl.load(c4_ptr + vec, mask=m, other=0.0)
     tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add_bias(a_ptr, b_ptr, bias_ptr, y_ptr, total, C, BLOCK: tl.constexpr):
+    """y = a + b + bias, bias per channel (the convolution bias folded into a residual add)."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < total
+    y = tl.load(a_ptr + o, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + o, mask=m, other=0.0).to(tl.float32) \
+        + tl.load(bias_ptr + o % C, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -283,30 +307,32 @@ def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr):
 # -----------------------------------------------------------------------------
 # launchers: the same signatures and results as fused.norm_forward / norm_backward / geglu_forward / geglu_backward
 
-def _chunks(n, s, groups, cg):
-    """(CG_PAD, BLOCK_S, ITERS, K): tiles of about _TILE elements; each of the K programs per sample reads ITERS
-    of them, so that the grid has about _PROGRAMS programs."""
-    cg_pad = triton.next_power_of_2(cg)
-    block_s = max(1, _TILE // (groups * cg_pad))
-    blocks = triton.cdiv(s, block_s)
-    iters = triton.cdiv(blocks, min(blocks, max(1, _PROGRAMS // n)))
-    return cg_pad, block_s, iters, triton.cdiv(blocks, iters)
+def _chunks(n, s, c, groups):
+    """(BLOCK_C, BLOCK_S, ITERS, K, CG_PAD, BLOCK_K): the statistics kernels' grid is (n, K, c / BLOCK_C), each
+    program ITERS tiles of BLOCK_S rows × BLOCK_C channels, about _PROGRAMS programs; the merge kernels' grid is
+    (n, G), each program reading its group's (n, K, CG) partials in (BLOCK_K, CG_PAD) tiles."""
+    block_c = min(_BLOCK_C, triton.next_power_of_2(c))
+    blocks = triton.cdiv(s, _BLOCK_S)
+    iters = triton.cdiv(blocks, min(blocks, max(1, _PROGRAMS // (n * triton.cdiv(c, block_c)))))
+    k = triton.cdiv(blocks, iters)
+    cg_pad = triton.next_power_of_2(c // groups)
+    return block_c, _BLOCK_S, iters, k, cg_pad, max(1, min(triton.next_power_of_2(k), _MERGE // cg_pad))
 
 
 def group_norm_fwd(x, weight, bias, add, groups, eps, silu):
     """x (n, s, c) contiguous, add (n, 1, c) or None -> (y, mean (n, G), rstd (n, G))."""
     n, s, c = x.shape
-    cg = c // groups
-    cg_pad, block_s, iters, k = _chunks(n, s, groups, cg)
+    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
     f32 = dict(device=x.device, dtype=torch.float32)
-    mean_k, m2_k = torch.empty(n, k, groups, **f32), torch.empty(n, k, groups, **f32)
+    mean_k, m2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
+    _chunk_stats[(n, k, triton.cdiv(c, block_c))](x, mean_k, m2_k, s, c, k, iters, BLOCK_S=block_s,
+                                                   BLOCK_C=block_c, num_warps=4)
     add = x if add is None else add.reshape(n, c).contiguous()  # x: an unused pointer when HAS_ADD is False
-    const = dict(HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad)
-    _chunk_stats[(n, k)](x, add, mean_k, m2_k, s, c, cg, k, iters, BLOCK_S=block_s, num_warps=8, **const)
     mean, rstd = torch.empty(n, groups, **f32), torch.empty(n, groups, **f32)
     scale, shift = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
-    _group_affine[(n,)](mean_k, m2_k, weight, bias, add, mean, rstd, scale, shift, s, c, cg, k, iters * block_s, eps,
-                        BLOCK_K=_BLOCK_K, num_warps=4, **const)
+    _group_affine[(n, groups)](mean_k, m2_k, weight, bias, add, mean, rstd, scale, shift, s, c, c // groups, k,
+                        iters * block_s, eps, HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k,
+                        num_warps=4)
     y = torch.empty_like(x)
     total = x.numel()
     _scale_shift[(triton.cdiv(total, _FLAT),)](x, y, scale, shift, total, s * c, c, SILU=silu, BLOCK=_FLAT,
@@ -318,16 +344,16 @@ def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu):
     """∂L/∂x of group_norm_fwd from g = ∂L/∂y (n, s, c) contiguous."""
     n, s, c = x.shape
     cg = c // groups
-    cg_pad, block_s, iters, k = _chunks(n, s, groups, cg)
+    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
     f32 = dict(device=x.device, dtype=torch.float32)
     add = x if add is None else add.reshape(n, c).contiguous()
-    const = dict(HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad)
-    s1_k, s2_k = torch.empty(n, k, groups, **f32), torch.empty(n, k, groups, **f32)
-    _chunk_grad_sums[(n, k)](x, g, mean, rstd, weight, bias, add, s1_k, s2_k, s, c, cg, k, iters, SILU=silu,
-                             BLOCK_S=block_s, num_warps=8, **const)
+    s1_k, s2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
+    _chunk_grad_sums[(n, k, triton.cdiv(c, block_c))](x, g, mean, rstd, weight, bias, add, s1_k, s2_k, s, c, cg, k,
+                                                       iters, HAS_ADD=add is not x, SILU=silu, G=groups,
+                                                       BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
     scale, shift, c3, c4 = (torch.empty(n, c, **f32) for _ in range(4))
-    _grad_coefficients[(n,)](s1_k, s2_k, mean, rstd, weight, bias, add, scale, shift, c3, c4, s, c, cg, k,
-                             BLOCK_K=_BLOCK_K, num_warps=4, **const)
+    _grad_coefficients[(n, groups)](s1_k, s2_k, mean, rstd, weight, bias, add, scale, shift, c3, c4, s, c, cg, k,
+                             HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k, num_warps=4)
     dx = torch.empty_like(x)
     total = x.numel()
     _norm_grad[(triton.cdiv(total, _FLAT),)](x, g, dx, scale, shift, c3, c4, total, s * c, c, SILU=silu,
@@ -359,6 +385,14 @@ def layer_norm_bwd(g, x, weight, bias, mean, rstd):
     _layer_norm_bwd[(triton.cdiv(rows, block_r),)](x, g, dx, weight, mean, rstd, rows, c, C_PAD=c_pad,
                                                     BLOCK_R=block_r, num_warps=4)
     return dx
+
+
+def add_bias(a, b, bias):
+    """a + b + bias for a, b (n, s, c) contiguous, bias (c,)."""
+    y = torch.empty_like(a)
+    total = a.numel()
+    _add_bias[(triton.cdiv(total, _FLAT),)](a, b, bias, y, total, a.shape[-1], BLOCK=_FLAT, num_warps=4)
+    return y
 
 
 def geglu_fwd(h):

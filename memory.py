@@ -32,38 +32,43 @@ class _ConvKeepsNoInput(torch.autograd.Function):
     """y = conv(x; w, b) with w, b frozen; backward: ∂L/∂x = convᵀ(g; w), from the weight alone."""
 
     @staticmethod
-    def forward(ctx, x, conv):
+    def forward(ctx, x, conv, bias):
         ctx.conv, ctx.shape, ctx.format = conv, x.shape, memory_format(x)
-        return conv._conv_forward(x, conv.weight, conv.bias)  # nn.ConvNd's own forward (zeros padding)
+        return conv._conv_forward(x, conv.weight, bias)  # nn.ConvNd's own forward (zeros padding)
 
     @staticmethod
     def backward(ctx, g):
         c = ctx.conv
-        shape_only = g.new_empty(1).expand(ctx.shape)  # read for its shape only, as torch.nn.grad.conv2d_input does
+        # read for its shape and layout only: an expanded one-element tensor (torch.nn.grad.conv2d_input's) reads as
+        # NCHW, and cuDNN then converts g to NCHW and back to the weight's channels-last (two copies of g)
+        shape_only = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=ctx.format)
         gx = torch.ops.aten.convolution_backward(g, shape_only, c.weight, None, c.stride, c.padding, c.dilation,
                                                  False, [0] * len(c.stride), c.groups, (True, False, False))[0]
-        return gx.contiguous(memory_format=ctx.format), None  # x's layout (a no-op where cuDNN already gave it)
+        return gx.contiguous(memory_format=ctx.format), None, None  # x's layout (a no-op where cuDNN gave it)
 
 
-def conv_keeping_no_input(conv, x):
-    """conv(x); when a graph is built for x alone (frozen weights), the node keeps no input (see above)."""
+def conv_keeping_no_input(conv, x, bias=True):
+    """conv(x); when a graph is built for x alone (frozen weights), the node keeps no input (see above). With
+    bias=False the bias is left out, for the caller to fold into its next op (PyTorch adds a convolution's bias in
+    a separate pass over the output)."""
+    b = conv.bias if bias else None
     frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
     if frozen and conv.padding_mode == "zeros" and torch.is_grad_enabled() and x.requires_grad:
-        y = _ConvKeepsNoInput.apply(x, conv)
+        y = _ConvKeepsNoInput.apply(x, conv, b)
     else:
-        y = conv._conv_forward(x, conv.weight, conv.bias)
+        y = conv._conv_forward(x, conv.weight, b)
     # x's layout: a no-op on cuDNN and oneDNN; the CPU's plain conv3d (one thread, batch < 16, (3,1,1)) gives NCDHW
     return y.contiguous(memory_format=memory_format(x))
 
 
 class Conv2d(nn.Conv2d):
-    def forward(self, x):
-        return conv_keeping_no_input(self, x)
+    def forward(self, x, bias=True):
+        return conv_keeping_no_input(self, x, bias)
 
 
 class Conv3d(nn.Conv3d):
-    def forward(self, x):
-        return conv_keeping_no_input(self, x)
+    def forward(self, x, bias=True):
+        return conv_keeping_no_input(self, x, bias)
 
 
 def run_maybe_checkpointed(fn, ckpt, *args):

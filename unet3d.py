@@ -127,7 +127,7 @@ def norm_silu(norm, x, cheap=False, add=None):
     if y is not None:
         return y
     if add is not None:
-        x = x + add[:, :, None, None]
+        x = x + add.view(*add.shape, *[1] * (x.dim() - 2))  # (n, c) -> (n, c, 1, ...)
     eager = lambda x: F.silu(group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))  # GroupNorm's own path
     return recompute(eager, x, cheap)
 
@@ -146,10 +146,17 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x, temb=None, cheap=False):
-        h = self.conv1(norm_silu(self.norm1, x, cheap))
+        k = self.norm2.fused  # fused kernels: conv1's bias joins GN2's add, conv2's (and the shortcut's) the residual
+        h = self.conv1(norm_silu(self.norm1, x, cheap), bias=k is None)
         add = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # + time embedding, then GN2
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h, cheap, add)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        if k is not None:
+            add = self.conv1.bias.expand(h.shape[0], -1) if add is None else add + self.conv1.bias  # (n, c)
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h, cheap, add)), bias=k is None)
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x, bias=k is None)
+        if k is None:
+            return skip + h
+        bias = self.conv2.bias if self.conv_shortcut is None else self.conv2.bias + self.conv_shortcut.bias
+        return k.add(skip, h, bias)
 
 
 class TemporalConvLayer(nn.Module):
@@ -168,12 +175,14 @@ class TemporalConvLayer(nn.Module):
 
     def forward(self, x, f, cheap=False):
         x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
-        h = x
+        h, k, bias = x, self.conv1[0].fused, None  # fused kernels: each conv's bias goes into the next op
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):  # GN, SiLU, [Dropout], Conv3d
-            h = norm_silu(stage[0], h, cheap)  # stage[1] is the SiLU
-            for m in stage[2:]:
+            h = norm_silu(stage[0], h, cheap, None if bias is None else bias.expand(h.shape[0], -1))  # stage[1]: SiLU
+            for m in stage[2:-1]:
                 h = m(h)
-        return frames_to_batch(x + h)  # b c f h w -> (b f) c h w
+            h = stage[-1](h, bias=k is None)
+            bias = None if k is None else stage[-1].bias
+        return frames_to_batch(x + h if k is None else k.add(x, h, bias))  # b c f h w -> (b f) c h w
 
 
 class Attention(nn.Module):

@@ -47,13 +47,16 @@ def modules(c, kernels):
     return gn, ln, ff
 
 
-CASES = ["GroupNorm+SiLU 4-D", "GroupNorm+SiLU+add 4-D", "GroupNorm 5-D", "LayerNorm", "GEGLU"]
+CASES = ["GroupNorm+SiLU 4-D", "GroupNorm+SiLU+add 4-D", "GroupNorm 5-D", "LayerNorm", "GEGLU", "add + bias 5-D"]
 
 
 def run_case(case, gn, ln, ff, x4, add, f):
+    k = gn.fused
     fn = {"GroupNorm+SiLU 4-D": lambda x: norm_silu(gn, x),
           "GroupNorm+SiLU+add 4-D": lambda x: norm_silu(gn, x, add=add),
           "GroupNorm 5-D": lambda x: gn(batch_to_frames(x, f)),
+          "add + bias 5-D": lambda x: (lambda a, b: k.add(a, b, gn.bias) if k else a + b + gn.bias.view(-1, 1, 1, 1))(
+              batch_to_frames(x, f), batch_to_frames(x.flip(0), f)),  # a residual with the conv's bias folded in
           "LayerNorm": lambda x: ln(x.flatten(2).transpose(1, 2)),  # (b f) c h w -> (b f) (h w) c
           "GEGLU": lambda x: ff.fused.geglu(x.flatten(2).transpose(1, 2).contiguous()) if ff.fused else
           eager_geglu(x.flatten(2).transpose(1, 2))}[case]
@@ -70,8 +73,8 @@ def test_reference_math_equals_the_eager_modules(case, dtype, tol):
     add = torch.randn(2 * f, c, dtype=dtype)
     ref = run_case(case, *(m.to(dtype) for m in modules(c, None)), x4, add, f)
     out = run_case(case, *(m.to(dtype) for m in modules(c, fused.Kernels("torch"))), x4, add, f)
-    if case.startswith("GroupNorm"):
-        assert out[0].is_contiguous(memory_format=torch.channels_last) or out[0].dim() == 5
+    if case.startswith(("GroupNorm", "add")):
+        assert out[0].is_contiguous(memory_format=torch.channels_last if out[0].dim() == 4 else torch.channels_last_3d)
     for a, b in zip(out, ref):
         assert a.shape == b.shape and a.dtype == dtype and rel(a, b) <= tol, (case, rel(a, b))
 
@@ -101,15 +104,17 @@ def triton_kernels():
 
 
 @pytest.mark.parametrize("n,s,c,groups,silu,add,programs", [
-    (2, 37, 320, 32, True, True, 1024),   # 10 channels per group (padded to 16), a partial last chunk
+    (2, 37, 320, 32, True, True, 1024),   # 10 channels per group (5 channel blocks), one partial row block
     (1, 300, 64, 32, False, False, 1024),
-    (3, 45, 96, 32, True, False, 1024),
-    (2, 130, 64, 4, False, True, 2),      # several blocks per program (merged one by one)
-    (2, 300, 64, 32, True, True, 2),
+    (3, 45, 96, 32, True, False, 1024),   # a full and a masked channel block
+    (2, 130, 64, 4, False, True, 2),      # several row blocks per program (Welford over the lanes)
+    (2, 300, 48, 16, True, True, 2),      # fewer channels than a block, 3 per group
+    (2, 1300, 320, 32, True, True, 1024),  # 21 chunks, the last partial, merged 4 at a time (below)
 ])
 def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, s, c, groups, silu, add, programs):
     kernels, device = triton_kernels
     monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+    monkeypatch.setattr(kernels, "_MERGE", 64)  # tiles of 4 chunks x 16 channels: the merge kernels loop
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(n, s, c, generator=gen) * 3 + 5).to(device)  # an offset mean: the variance must be stable
     w, b, g = torch.randn(c, generator=gen), torch.randn(c, generator=gen), torch.randn(n, s, c, generator=gen)
@@ -159,6 +164,7 @@ def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, 
     gh = torch.randn(2, rows, c, generator=gen).to(device)
     assert rel(kernels.geglu_fwd(h), fused.geglu_forward(h)) <= 1e-6
     assert rel(kernels.geglu_bwd(gh, h), fused.geglu_backward(gh, h)) <= 1e-6
+    assert rel(kernels.add_bias(x, g, w), fused.add_forward(x, g, w)) <= 1e-6
 
 
 # -----------------------------------------------------------------------------

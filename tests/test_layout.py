@@ -127,6 +127,25 @@ def test_frozen_convolution_input_gradient_keeps_the_layout(conv, shape):
     assert rel_err(y, ref) <= 1e-6 and rel_err(gx, torch.autograd.grad(ref, x, g)[0]) <= 1e-6
 
 
+@pytest.mark.parametrize("dims", [4, pytest.param(5, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CPU's plain conv3d copies (NCDHW); cuDNN's does not"))])
+def test_frozen_convolution_input_gradient_copies_nothing(dims):
+    """The input gradient through memory.py's node runs on g as it is: no layout copy inside
+    aten::convolution_backward (cuDNN converted g to the shape-only input's layout and back: two copies of g)."""
+    from torch.profiler import ProfilerActivity, profile
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fmt = CL if dims == 4 else CL3
+    conv = (Conv2d(64, 64, 3, padding=1) if dims == 4 else Conv3d(64, 64, (3, 1, 1), padding=(1, 0, 0))).to(device)
+    conv.requires_grad_(False).weight.data = conv.weight.data.contiguous(memory_format=fmt)
+    x = torch.randn((4, 64, 8, 8) if dims == 4 else (1, 64, 4, 8, 8), device=device)
+    x = x.contiguous(memory_format=fmt).requires_grad_(True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (gx,) = torch.autograd.grad(y, x, g)
+    assert [e.name for e in prof.events()].count("aten::copy_") == 0 and memory_format(gx) == fmt
+
+
 def test_folds_are_views_in_channels_last():
     """(b f) c h w channels-last <-> b c f h w channels_last_3d: the same memory, (b f h w c)."""
     x = torch.randn(6, 8, 5, 7).contiguous(memory_format=CL)
