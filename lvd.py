@@ -133,14 +133,14 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if before_step is not None:
         before_step.cond = cond
 
-    def cfg_unet(x2, t, text):
+    def cfg_unet(x, t, text):  # one latent, two text rows: the text-free prefix runs once (UNet3D.forward)
         with torch.no_grad():
-            return pipe.unet(x2, t, text)
+            return pipe.unet(x, t, text)
     cfg_unet = graphs.Graphed(cfg_unet, fast, pool)
 
-    def eps_fn(x, t):  # classifier-free guidance as one batch-2 UNet call
+    def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2 after the shared prefix
         t = torch.as_tensor(t, device=x.device)
-        eps_u, eps_c = cfg_unet(torch.cat([x, x]), t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
+        eps_u, eps_c = cfg_unet(x, t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim

@@ -18,6 +18,8 @@ Differences:
   weights (`channels_last_`), so cuDNN, the folds and the token reshapes need no transposes; diffusers is NCHW.
 - `fuse_` swaps GroupNorm→SiLU (with the time-embedding add folded in), LayerNorm and GEGLU's gate for fused
   kernels (fused.py); off by default, on in lvd.generate's fast path. Same math, fp32 inside.
+- A context batch k times the latent batch runs the text-independent prefix once per latent (`forward`): the
+  CFG step passes its one latent with [negative, positive]; diffusers repeats the latent and runs it all twice.
 - No attention mask (diffusers accepts one and ignores it), no class labels, no LoRA / processors.
 - Inference only: dropout modules are kept so the keys keep their Sequential indices
   (`conv2.3`), and the model is always used in eval mode.
@@ -334,11 +336,13 @@ class UNetBlock3D(nn.Module):
             self.upsamplers = nn.ModuleList([Upsample2D(c)])
 
     def _resnet(self, i, x, temb, f, ckpt, cheap):
+        temb = temb[:x.shape[0]]  # before a shared prefix's split (UNet3D.forward) x has fewer rows than temb
         return run_maybe_checkpointed(lambda x: self.temp_convs[i](self.resnets[i](x, temb, cheap), f, cheap), ckpt, x)
 
     def _layer(self, i, x, temb, context, f, store, ckpt=False, cheap=False):
         x = self._resnet(i, x, temb, f, ckpt, cheap)
         if hasattr(self, "attentions") and i < len(self.attentions):
+            x = repeat_batch(x, context.shape[0])  # the text enters here: a shared prefix ends (UNet3D.forward)
             x = run_maybe_checkpointed(lambda x: self.attentions[i](x, context, store, cheap), ckpt, x)
             if store is not None and store.done():
                 return x
@@ -355,7 +359,7 @@ class UNetBlock3D(nn.Module):
             return self._resnet(1, x, temb, f, ckpt, cheap)
         for i in range(len(self.resnets)):
             if self.kind == "up":
-                x = torch.cat([x, skips.pop()], dim=1)  # current features first, skip second
+                x = torch.cat([x, repeat_batch(skips.pop(), x.shape[0])], dim=1)  # current features first, then skip
             x = self._layer(i, x, temb, context, f, store, ckpt, cheap)
             if store is not None and store.done():
                 return x
@@ -367,6 +371,11 @@ class UNetBlock3D(nn.Module):
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
         return x
+
+
+def repeat_batch(x, rows):
+    """x (r, ...) -> (rows, ...), [x, x, ...] (rows a multiple of r); the layout is kept. A no-op if r == rows."""
+    return x if x.shape[0] == rows else torch.cat([x] * (rows // x.shape[0]))
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +430,12 @@ class UNet3D(nn.Module):
         return self
 
     def forward(self, sample, timestep, encoder_hidden_states, store=None, checkpoint=False):
-        """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (b, l, d_ctx) -> (b, 4, f, h, w).
+        """sample (b, 4, f, h, w), timestep (b,) or scalar, encoder_hidden_states (B, l, d_ctx) -> (B, 4, f, h, w).
+
+        B = k·b: each latent is run with k text rows (classifier-free guidance: one latent, the negative and the
+        positive prompt), as if sample and timestep were repeated k times ([sample] * k). Everything before the
+        first cross-attention (conv_in, transformer_in, down_blocks.0's first resnet and temporal conv) does not
+        see the text, so it runs once per latent (the shared prefix), and the batch is repeated there.
 
         With an AttentionStore, the wanted cross-attention probabilities are captured; with
         store.truncate the forward stops after the last of them and returns None. `checkpoint` (for a pass with
@@ -430,10 +444,13 @@ class UNet3D(nn.Module):
         The activations are channels-last where conv_in's weight is (the default, `channels_last_`), else NCHW.
         """
         b, _, f, h, w = sample.shape
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+        B = encoder_hidden_states.shape[0]
+        if B % b:
+            raise ValueError(f"UNet3D: {B} text rows for {b} latents (needs a multiple)")
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b).repeat(B // b)  # (B,)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
-        temb = temb.repeat_interleave(f, dim=0)  # b d -> (b f) d
-        context = encoder_hidden_states.repeat_interleave(f, dim=0)  # b l d -> (b f) l d
+        temb = temb.repeat_interleave(f, dim=0)  # B d -> (B f) d; the shared prefix reads its first (b f) rows
+        context = encoder_hidden_states.repeat_interleave(f, dim=0)  # B l d -> (B f) l d
         cl = memory_format(self.conv_in.weight) == torch.channels_last  # see channels_last_
         sample = sample.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
         x = self.conv_in(frames_to_batch(sample))  # b c f h w -> (b f) c h w, in memory (b f) h w c (or NCHW)
@@ -448,8 +465,8 @@ class UNet3D(nn.Module):
             x = block(x, temb, context, f, skips, store, checkpoint)
             if store is not None and store.done():
                 return None
-        x = self.conv_out(norm_silu(self.conv_norm_out, x))
-        return batch_to_frames(x, f).contiguous()  # (b f) c h w -> b c f h w
+        x = self.conv_out(norm_silu(self.conv_norm_out, repeat_batch(x, B * f)))  # (a UNet with no cross-attention)
+        return batch_to_frames(x, f).contiguous()  # (B f) c h w -> B c f h w
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None):

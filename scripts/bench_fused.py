@@ -3,7 +3,7 @@
 What to read: fused.py, unet3d.py (`UNet3D.fuse_`), results/perf-notes.md.
 
 Per size (frames x height x width in pixels), fp16, the real config with random weights, both replayed from CUDA
-graphs (graphs.py, the fast path): (i) the CFG step unet(cat([x, x]), t, ctx); (ii) one guidance pass
+graphs (graphs.py, the fast path): (i) the CFG step unet(x, t, ctx) (ctx: 2 rows); (ii) one guidance pass
 (LatentGuidance.loss_and_grad, demo-like boxes, --checkpointing off and cheap), unfused then fused; the time of the
 first fused call (torch.compile's compilation), the relative difference of the outputs and gradients, and the
 eager-vs-graph difference of the unfused gradient as the noise floor. `--smoke`: the tiny config on the CPU.
@@ -90,21 +90,21 @@ def run_size(unet, f, h, w, device, dtype, ctx_dim, kernels, runs, do_profile=Fa
     out, grads = {}, {}
     for on in (False, True):
         unet.fuse_(on, kernels=kernels if on else None)
-        step = Graphed(lambda x2, t, c: unet(x2, t, c), pool=graph_pool())
+        step = Graphed(lambda x, t, c: unet(x, t, c), pool=graph_pool())
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            step(torch.cat([x, x]), t, ctx)  # the first call: warm-up (and the kernels compile)
+            step(x, t, ctx)  # the first call: warm-up (and the kernels compile)
         sync()
         first = time.perf_counter() - t0
         with torch.no_grad():
-            ms, gib = cuda_ms(lambda: step(torch.cat([x, x]), t, ctx), runs)
-            out[on] = step(torch.cat([x, x]), t, ctx)
+            ms, gib = cuda_ms(lambda: step(x, t, ctx), runs)
+            out[on] = step(x, t, ctx)
         step.reset()
         if do_profile and on:
             from torch.profiler import ProfilerActivity, profile
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                unet(torch.cat([x, x]), t, ctx)
+                unet(x, t, ctx)
                 sync()
             kernel_summary(prof, True, top_kernels=20, top_ops=1)
         print(f"  CFG step, fused={on}: {ms:.1f} ms, peak {gb(gib[0])} GiB (first call {first:.1f} s)", flush=True)
@@ -131,7 +131,7 @@ def run_size(unet, f, h, w, device, dtype, ctx_dim, kernels, runs, do_profile=Fa
         import copy
         unet32 = copy.deepcopy(unet).float()
         with torch.no_grad():
-            ref = unet32(torch.cat([x, x]).float(), t, ctx.float())
+            ref = unet32(x.float(), t, ctx.float())
         guide = attention.LatentGuidance(unet32, ctx[1:].float(), masks, [[2, 3], [6]], schedule, params)
         g32 = guide.loss_and_grad(x.float(), t)[1]
         del unet32, guide

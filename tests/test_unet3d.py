@@ -132,6 +132,22 @@ def test_parity_scalar_timestep(models):
     assert torch.equal(y, y_t0)
 
 
+def test_shared_prefix_equals_diffusers_on_the_repeated_latents(models):
+    """Two latents, each with two text rows (the CFG step's shape, batched): the text-independent prefix runs once
+    per latent; the output equals diffusers' on [x, x] with the timesteps repeated."""
+    ref, ours, _ = models
+    x, ctx = inputs(2, 3, 8, 12, seed=3)
+    ctx4 = torch.cat([ctx, ctx.flip(0) * 0.5])
+    t = torch.tensor([700, 80])
+    with torch.no_grad():
+        y_ref, y = ref(torch.cat([x, x]), t.repeat(2), ctx4).sample, ours(x, t, ctx4)
+        y_one = ours(x[:1], 700, ctx4[::2])  # one latent, two rows: the CFG step
+    assert y.shape == (4, *x.shape[1:]) and rel_err(y, y_ref) <= TOL
+    assert rel_err(y_one, y_ref[::2]) <= TOL
+    with pytest.raises(ValueError, match="3 text rows for 2 latents"):
+        ours(x, t, ctx4[:3])
+
+
 def test_parity_odd_latent(models, odd_case):
     """10×14 downsamples to 5×7, 3×4, 2×2 (ceil); the upsamplers must hit the skips' exact sizes."""
     x, _, _, y_ref, y = odd_case
