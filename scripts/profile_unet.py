@@ -28,6 +28,8 @@ from bench import cuda_ms  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 CATEGORIES = [  # (category, regex over the kernel name), first match wins
+    ("fused (kernels.py)", r"^_(chunk_stats|group_affine|scale_shift|chunk_grad_sums|grad_coefficients|norm_grad|"
+                           r"layer_norm|geglu|add)"),
     ("attention", r"flash|fmha|attention|softmax|cudnn.*sdpa|mha"),
     ("convolution", r"conv|implicit|wgrad|dgrad|fprop|winograd|nhwc|nchw"),
     ("matmul", r"gemm|sm90|cutlass|matmul|xmma|ampere|hopper"),
@@ -63,27 +65,28 @@ def issue_ms(fn, runs=5):
     return best
 
 
-def profile(fn, label):
+def profile(fn, label, top=12):
     from torch.profiler import ProfilerActivity, profile as prof
     fn()
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         fn()
         torch.cuda.synchronize()
-    per_cat, per_kernel, n = defaultdict(float), defaultdict(float), 0
+    per_cat, per_kernel, count, n = defaultdict(float), defaultdict(float), defaultdict(int), 0
     for ev in p.events():
         if ev.device_type.name != "CUDA":
             continue
         us = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
         per_cat[category(ev.name)] += us
-        per_kernel[ev.name[:90]] += us
+        per_kernel[ev.name[:150]] += us
+        count[ev.name[:150]] += 1
         n += 1
     total = sum(per_cat.values())
     print(f"\n## {label}: {total / 1e3:.1f} ms of kernels, {n} launches")
     for cat, us in sorted(per_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:14s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
-    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"    {us / 1e3:7.1f} ms  [{category(name)}] {name}")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {us / 1e3:7.2f} ms x{count[name]:<4d} [{category(name)}] {name}")
 
 
 def main(argv=None):
@@ -93,10 +96,14 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="also time channels-last, cuDNN attention, CUDA graphs")
     ap.add_argument("--compile", action="store_true", help="with --variants: also time torch.compile")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers (CFG step, official guidance pass)")
+    ap.add_argument("--fused", action="store_true", help="profile with the fused kernels on (UNet3D.fuse_)")
+    ap.add_argument("--top", type=int, default=12, help="how many of the most expensive kernels to list")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet3D(UNet3DConfig()).half().eval().requires_grad_(False)
+    if args.fused:
+        unet.fuse_(True)
     for size in args.sizes.split(","):
         f, h, w = (int(v) for v in size.split("x"))
         x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half)
@@ -108,7 +115,7 @@ def main(argv=None):
 
         def cfg_step():
             with torch.no_grad():
-                return unet(torch.cat([x, x]), t, ctx)
+                return unet(x, t, ctx)  # one latent, two text rows (the shared prefix), as generate
 
         def guidance_pass():
             store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=True)
@@ -129,8 +136,8 @@ def main(argv=None):
               f" (its forward {median_ms(guidance_forward):.1f} ms); CPU time to issue: CFG step "
               f"{issue_ms(cfg_step):.1f} ms, guidance pass {issue_ms(guidance_pass):.1f} ms", flush=True)
         if not args.no_profile:
-            profile(cfg_step, f"{size} CFG step (batch 2)")
-            profile(guidance_pass, f"{size} guidance pass (batch 1)")
+            profile(cfg_step, f"{size} CFG step (batch 2)", args.top)
+            profile(guidance_pass, f"{size} guidance pass (batch 1)", args.top)
         if args.variants:
             variants(unet, cfg_step, guidance_pass, x, t, ctx, args.compile)
         if args.diffusers:
