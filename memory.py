@@ -18,7 +18,8 @@ Three tools, for a pass whose weights are frozen (only the latents need a gradie
 
 The layout (for speed, any pass): `GroupNorm` / `group_norm` normalise a channels-last tensor ((b f) h w c or
 b f h w c in memory) without copying it to NCHW, which PyTorch's CUDA GroupNorm does; `memory_format(x)` names a
-tensor's layout, and the convolutions' input gradient keeps it (tests/test_layout.py).
+tensor's layout, and the convolutions' input gradient keeps it (tests/test_layout.py); `frames_to_batch` and
+`batch_to_frames` fold a video's frames into the batch and back, as views in that layout.
 
 Glossary: x (an activation), w (a frozen weight), g (the gradient arriving from above).
 """
@@ -162,3 +163,18 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x):
         y = None if self.fused is None else self.fused.group_norm(self, x)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps) if y is None else y
+
+
+# -----------------------------------------------------------------------------
+# video folds (frame-major: row b·f + f); views both ways between channels-last (b f) c h w and channels_last_3d
+
+def frames_to_batch(x):
+    """(b, c, f, h, w) -> (b·f, c, h, w)."""
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
+
+
+def batch_to_frames(x, f):
+    """(b·f, c, h, w) -> (b, c, f, h, w); the inverse of frames_to_batch."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // f, f, c, h, w).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w

@@ -4,9 +4,9 @@ What to read: `modelscope-architecture.md` §3 (config and the head-count quirk)
 block internals, eps values), §6 (checkpoint keys).
 
 Official implementation: src/diffusers/models/unets/unet_3d_condition.py (`UNet3DConditionModel`),
-unets/unet_3d_blocks.py, transformers/transformer_temporal.py, transformers/transformer_2d.py,
-resnet.py (`ResnetBlock2D`, `TemporalConvLayer`), attention.py (`BasicTransformerBlock`) in
-huggingface/diffusers v0.42.1; originally `UNetSD` in modelscope/.../video_synthesis/unet_sd.py.
+unets/unet_3d_blocks.py, resnet.py (`ResnetBlock2D`, `TemporalConvLayer`, `Downsample2D`, `Upsample2D`) in
+huggingface/diffusers v0.42.1 (the transformers: unet_transformers.py); originally `UNetSD` in
+modelscope/.../video_synthesis/unet_sd.py.
 
 Differences:
 - The module tree spells the diffusers checkpoint keys, so loading is strict with no rename table.
@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fused
-from attention import attend
-from memory import (Conv2d, Conv3d, GroupNorm, checkpoint_mode, group_norm, memory_format, recompute,
-                    run_maybe_checkpointed)
+from memory import (Conv2d, Conv3d, GroupNorm, batch_to_frames, checkpoint_mode, frames_to_batch, group_norm,
+                    memory_format, recompute, run_maybe_checkpointed)
+from unet_transformers import Attention, Transformer2DModel, TransformerTemporalModel
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
 
 
@@ -87,19 +87,7 @@ class UNet3DConfig:
 
 
 # -----------------------------------------------------------------------------
-# video folds (frame-major: row b·f + f); views both ways between channels-last (b f) c h w and channels_last_3d
-
-def frames_to_batch(x):
-    """(b, c, f, h, w) -> (b·f, c, h, w)."""
-    b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
-
-
-def batch_to_frames(x, f):
-    """(b·f, c, h, w) -> (b, c, f, h, w); the inverse of frames_to_batch."""
-    bf, c, h, w = x.shape
-    return x.reshape(bf // f, f, c, h, w).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
-
+# embeddings
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding [cos, sin] (flip_sin_to_cos=True, shift 0), float32 (§4.2). t (b,) -> (b, dim)."""
@@ -185,108 +173,6 @@ class TemporalConvLayer(nn.Module):
             h = stage[-1](h, bias=k is None)
             bias = None if k is None else stage[-1].bias
         return frames_to_batch(x + h if k is None else k.add(x, h, bias))  # b c f h w -> (b f) c h w
-
-
-class Attention(nn.Module):
-    """q, k, v without bias, `to_out.0` with bias; heads of width 64. `path` is set by the UNet."""
-
-    def __init__(self, d, heads, context_dim=None):
-        super().__init__()
-        self.heads, self.path = heads, None
-        self.to_q = nn.Linear(d, d, bias=False)
-        self.to_k = nn.Linear(context_dim or d, d, bias=False)
-        self.to_v = nn.Linear(context_dim or d, d, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Dropout(0.0)])
-
-    def forward(self, x, context=None, store=None):
-        context = x if context is None else context
-        out = attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, store, self.path)
-        return self.to_out[0](out)
-
-
-class GEGLU(nn.Module):
-    fused = None  # a fused.Kernels (UNet3D.fuse_): the gate as one fused kernel
-
-    def __init__(self, d, inner):
-        super().__init__()
-        self.proj = nn.Linear(d, 2 * inner)
-
-    def forward(self, x, cheap=False):
-        if self.fused is not None:
-            return self.fused.geglu(self.proj(x))
-        def gated(h):
-            value, gate = h.chunk(2, dim=-1)  # first half value, second half gate (exact GELU)
-            return value * F.gelu(gate)
-        return recompute(gated, self.proj(x), cheap)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.net = nn.ModuleList([GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d)])
-
-    def forward(self, x, cheap=False):
-        return self.net[2](self.net[1](self.net[0](x, cheap)))
-
-
-class BasicTransformerBlock(nn.Module):
-    """x += attn1(LN1 x); x += attn2(LN2 x, context); x += FF(LN3 x) (§4.9).
-
-    Temporal blocks (context_dim None) use attn2 as a second self-attention (double_self_attention).
-    """
-
-    def __init__(self, d, heads, context_dim=None):
-        super().__init__()
-        self.norm1 = fused.LayerNorm(d)
-        self.attn1 = Attention(d, heads)
-        self.norm2 = fused.LayerNorm(d)
-        self.attn2 = Attention(d, heads, context_dim)
-        self.norm3 = fused.LayerNorm(d)
-        self.ff = FeedForward(d)
-
-    def forward(self, x, context=None, store=None, cheap=False):
-        x = x + self.attn1(self.norm1(x), store=store)
-        x = x + self.attn2(self.norm2(x), context, store=store)
-        return x + self.ff(self.norm3(x), cheap)
-
-
-class Transformer2DModel(nn.Module):
-    """Spatial transformer, per frame: tokens are the h·w positions of one frame (§4.8)."""
-
-    def __init__(self, c, heads, context_dim, groups=32):
-        super().__init__()
-        self.norm = GroupNorm(groups, c, eps=1e-6)
-        self.proj_in = nn.Linear(c, c)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
-        self.proj_out = nn.Linear(c, c)
-
-    def forward(self, x, context, store=None, cheap=False):
-        bf, c, h, w = x.shape
-        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
-        t = self.transformer_blocks[0](self.proj_in(t), context, store, cheap)
-        t = self.proj_out(t).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
-        return x + t
-
-
-class TransformerTemporalModel(nn.Module):
-    """Temporal transformer: tokens are the f frames at one pixel, no positional embedding (§4.7)."""
-
-    def __init__(self, c, heads, head_dim, groups=32):
-        super().__init__()
-        d = heads * head_dim
-        self.norm = GroupNorm(groups, c, eps=1e-6)
-        self.proj_in = nn.Linear(c, d)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(d, heads)])
-        self.proj_out = nn.Linear(d, c)
-
-    def forward(self, x, f, store=None, cheap=False):
-        bf, c, h, w = x.shape
-        b = bf // f
-        t = self.norm(batch_to_frames(x, f))  # 5-D GroupNorm: statistics over all frames
-        t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
-        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store, cheap=cheap))
-        t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
-        return frames_to_batch(batch_to_frames(x, f) + t)  # the add reads t in x's order: the one copy out
 
 
 class Downsample2D(nn.Module):

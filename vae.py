@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet3d import ResnetBlock2D, Upsample2D, batch_to_frames, frames_to_batch
+from memory import batch_to_frames, frames_to_batch
+from unet3d import ResnetBlock2D, Upsample2D
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
 
 EPS = 1e-6  # every GroupNorm in the VAE (resnets, mid attention, conv_norm_out), §8.2

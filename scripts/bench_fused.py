@@ -43,7 +43,9 @@ def sync():
 def micro(f, h, w, c, device, dtype, kernels, runs):
     """(0): the level-0 ops alone, eager | fused: forward ms (its GB/s), forward+backward ms."""
     from memory import GroupNorm
-    from unet3d import GEGLU, batch_to_frames, norm_silu
+    from memory import batch_to_frames
+    from unet3d import norm_silu
+    from unet_transformers import GEGLU
     gn, ln = GroupNorm(32, c).to(device, dtype), fused.LayerNorm(c).to(device, dtype)
     geglu = GEGLU(c, 4 * c).to(device, dtype)
     for m in (gn, ln, geglu):

@@ -25,8 +25,8 @@ if ROOT not in sys.path:
 
 from bench import cuda_ms  # noqa: E402
 from graphs import Graphed  # noqa: E402
-from memory import group_norm  # noqa: E402
-from unet3d import UNet3D, UNet3DConfig, batch_to_frames  # noqa: E402
+from memory import batch_to_frames, group_norm  # noqa: E402
+from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 
 def median_ms(fn, warmup=3, runs=10):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import attention as A
 import fused
 from memory import GroupNorm
-from unet3d import GEGLU, UNet3D, UNet3DConfig, batch_to_frames, norm_silu
+from memory import batch_to_frames
+from unet3d import UNet3D, UNet3DConfig, norm_silu
+from unet_transformers import GEGLU
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_tf32")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention as A
-from memory import Conv2d, Conv3d, GroupNorm, group_norm, memory_format
-from unet3d import UNet3D, UNet3DConfig, batch_to_frames, frames_to_batch
+from memory import Conv2d, Conv3d, GroupNorm, batch_to_frames, frames_to_batch, group_norm, memory_format
+from unet3d import UNet3D, UNet3DConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -259,3 +259,16 @@ def test_bench_layout_smoke(capsys, monkeypatch):
     bench.main(["--smoke", "--sizes", "2x16x16"])
     out = capsys.readouterr().out
     assert "(i) GroupNorm" in out and "(ii) CFG step" in out and "aten::convolution" in out
+
+
+def test_copy_sources_smoke(capsys):
+    """scripts/copy_sources.py --smoke (the tiny config on the CPU): the guidance pass's copies by autograd node.
+    On the CPU the temporal convolutions' NCDHW round trip shows as clones in _ConvKeepsNoInputBackward."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("copy_sources", f"{ROOT}/scripts/copy_sources.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "# copies in one guidance pass" in out and "_ConvKeepsNoInputBackward: clone" in out
+    assert int(out.split("fused=")[1].split(": ")[1].split(" ops")[0]) > 0
