@@ -40,8 +40,10 @@ def read_jsonl(path):
 
 
 def finished(out):
+    """Finished job folders -> run.json's mtime. A kill can land while lvd.save_run writes its temporary
+    ".{name}.XXXXXXXX" folder (run.json already inside, not yet renamed): that one is not finished."""
     return {d: os.stat(os.path.join(out, d, "run.json")).st_mtime_ns for d in os.listdir(out)
-            if os.path.isfile(os.path.join(out, d, "run.json"))}
+            if not d.startswith(".") and os.path.isfile(os.path.join(out, d, "run.json"))}
 
 
 # -----------------------------------------------------------------------------
