@@ -214,7 +214,8 @@ class Kernels:
 
     def group_norm(self, norm, x, silu=False, add=None):
         """[SiLU](GroupNorm `norm`(x [+ add])) for a channels-last x (n, c, *s); add (n, c) broadcast over s.
-        -> (n, c, *s), channels-last. Another layout, or groups not a power of 2: None (run the eager path)."""
+        -> (n, c, *s), channels-last. Another layout, or groups not a power of 2 (the group counts the kernel tests
+        cover): None (run the eager path)."""
         n, c = x.shape[:2]
         xt = x.movedim(1, -1)  # n c *s -> n *s c, a view
         groups = norm.num_groups

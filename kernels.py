@@ -17,14 +17,14 @@ the group's channels exactly (Chan et al.'s parallel variance) in fp32.
 The apply kernels are flat elementwise passes with per-(n, c) scale and shift vectors, so the broadcast add (the
 resnet's time embedding) and the affine parameters fold into them. Everything is computed in fp32 and rounded once.
 
-Glossary: n (samples), s (positions per sample), c (channels), G (groups, a power of 2), CG (channels per group),
+Glossary: n (samples), s (positions per sample), c (channels), G (groups), CG (channels per group),
 K (row chunks per sample), R (LayerNorm / GEGLU rows), I (GEGLU inner width).
 """
 import torch
 import triton
 import triton.language as tl
 
-_TILE = 8192  # elements per program-tile in the LayerNorm and merge kernels
+_TILE = 8192  # elements per program-tile in the LayerNorm kernels
 _FLAT = 2048  # elements per program in the elementwise kernels
 _BLOCK_S, _BLOCK_C = 64, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
 _PROGRAMS = 2048  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)

@@ -5,7 +5,7 @@ What to read: fused.py, unet3d.py (`UNet3D.fuse_`), results/perf-notes.md.
 Per size (frames x height x width in pixels), fp16, the real config with random weights, both replayed from CUDA
 graphs (graphs.py, the fast path): (i) the CFG step unet(x, t, ctx) (ctx: 2 rows); (ii) one guidance pass
 (LatentGuidance.loss_and_grad, demo-like boxes, --checkpointing off and cheap), unfused then fused; the time of the
-first fused call (torch.compile's compilation), the relative difference of the outputs and gradients, and the
+first fused call (Triton compiling kernels.py), the relative difference of the outputs and gradients, and the
 eager-vs-graph difference of the unfused gradient as the noise floor. `--smoke`: the tiny config on the CPU.
 
 Usage: python scripts/bench_fused.py [--sizes 16x256x256,24x320x576] [--smoke]
