@@ -131,6 +131,16 @@ def add_forward(a, b, bias):
     return (a.to(f) + b.to(f) + bias.to(f)).to(a.dtype)
 
 
+def frame_attention(q, k, v, heads: int):
+    """The temporal transformer's attention: q, k, v (b, f, p, n·e), tokens in the channels-last order, attended
+    over f at each (b, p), per head, through PyTorch SDPA. -> (b, f, p, n·e)."""
+    b, f, p, d = q.shape
+    q, k, v = (t.unflatten(-1, (heads, d // heads)).permute(0, 2, 3, 1, 4).reshape(b * p, heads, f, -1)
+               for t in (q, k, v))  # b f p (n e) -> (b p) n f e
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.view(b, p, heads, f, -1).permute(0, 3, 1, 2, 4).flatten(3)  # (b p) n f e -> b f p (n e)
+
+
 class _Norm(torch.autograd.Function):
     """y = norm(x) with frozen weights through k.gn / k.gn_bwd (or k.ln / k.ln_bwd); keeps x and the statistics."""
 
@@ -186,6 +196,21 @@ class _Add(torch.autograd.Function):
         return g, g, None, None
 
 
+class _FrameAttention(torch.autograd.Function):
+    """o = frame_attention(q, k, v) through kernels_attention.py; keeps q, k, v (the backward recomputes P)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads, kernels):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        ctx.save_for_backward(q, k, v)
+        ctx.heads, ctx.kernels = heads, kernels
+        return kernels.frame_attention_fwd(q, k, v, heads)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (*ctx.kernels.frame_attention_bwd(g.contiguous(), *ctx.saved_tensors, ctx.heads), None, None)
+
+
 class Kernels:
     """The fused functions for the modules of one model (`UNet3D.fuse_`): backend 'triton' (kernels.py, the fast
     path) or 'torch' (the same math in plain PyTorch above: the reference, and what runs without Triton)."""
@@ -197,12 +222,15 @@ class Kernels:
             self.ln, self.ln_bwd = kernels.layer_norm_fwd, kernels.layer_norm_bwd
             self.geglu_fwd, self.geglu_bwd = kernels.geglu_fwd, kernels.geglu_bwd
             self.add_fwd = kernels.add_bias
+            import kernels_attention
+            self.frames = kernels_attention
         elif backend == "torch":
             self.gn, self.gn_bwd = norm_forward, norm_backward
             self.ln = lambda x, w, b, eps: norm_forward(x, w, b, None, 0, eps, False)
             self.ln_bwd = lambda g, x, w, b, mean, rstd: norm_backward(g, x, w, b, None, mean, rstd, 0, False)
             self.geglu_fwd, self.geglu_bwd = geglu_forward, geglu_backward
             self.add_fwd = add_forward
+            self.frames = None
         else:
             raise ValueError(f"Kernels: backend must be 'triton' or 'torch', got {backend!r}")
         self.backend = backend
@@ -233,6 +261,18 @@ class Kernels:
 
     def geglu(self, h):
         return _GEGLU.apply(h, self._for(h))
+
+    def in_place_frames(self, f, e):
+        """True where a temporal transformer should keep its tokens in place (b, f, h·w, c) for `frame_attention`:
+        the Triton kernels apply to f frames and head width e, or the 'torch' math (the reference) runs."""
+        return self.frames is None or self.frames.supports(f, e)
+
+    def frame_attention(self, q, k, v, heads):
+        """`frame_attention` (attention over f of q, k, v (b, f, p, n·e)); the Triton kernel where it applies."""
+        frames = self._for(q).frames
+        if frames is None or not frames.supports(q.shape[1], q.shape[-1] // heads):
+            return frame_attention(q, k, v, heads)
+        return _FrameAttention.apply(q, k, v, heads, frames)
 
     def add(self, a, b, bias):
         """a + b + bias (c,) for a, b (n, c, *s) of one shape; channels-last in one fused pass, else eagerly."""

@@ -9,10 +9,12 @@ Official implementation: huggingface/diffusers v0.42.1, src/diffusers/models/tra
 (`BasicTransformerBlock`, `FeedForward`), activations.py (`GEGLU`), attention_processor.py (`Attention`).
 
 Differences:
-- Every attention goes through `attention.attend` (PyTorch SDPA, or explicit probabilities where a store wants the
-  map); the module tree spells the checkpoint keys (`to_out.0`, `ff.net.0.proj`, `ff.net.2`).
-- The token reshapes are views of the channels-last activations (the temporal transformer copies once in and once
-  out); GroupNorm, LayerNorm and GEGLU's gate take the fused kernels where `fused` is set (UNet3D.fuse_), and under
+- The spatial attentions go through `attention.attend` (PyTorch SDPA, or explicit probabilities where a store
+  wants the map); the module tree spells the checkpoint keys (`to_out.0`, `ff.net.0.proj`, `ff.net.2`).
+- The token reshapes are views of the channels-last activations. The temporal transformer keeps its tokens as
+  (b, f, h·w, c) where `fused` is set, with no permute to (b h w) f c and back: its attention reads each
+  position's f frames in place (the Triton kernel of kernels_attention.py); unfused, one copy in.
+- GroupNorm, LayerNorm and GEGLU's gate take the fused kernels where `fused` is set (UNet3D.fuse_), and under
   'cheap' GEGLU's gate is recomputed in the backward (memory.recompute).
 - No attention mask, no positional embedding (the temporal transformer of this model has none), inference only.
 
@@ -27,7 +29,12 @@ from memory import GroupNorm, batch_to_frames, frames_to_batch, recompute
 
 
 class Attention(nn.Module):
-    """q, k, v without bias, `to_out.0` with bias; heads of width 64. `path` is set by the UNet."""
+    """q, k, v without bias, `to_out.0` with bias; heads of width 64. `path` is set by the UNet.
+
+    x (b, l, d): attention over the l tokens (`attend`: the spatial self- and cross-attention, and the temporal
+    ones with folded tokens). x (b, f, p, d): a temporal transformer's in-place tokens (set only with `fused`),
+    attended over the f frames at each of the p positions by `fused.Kernels.frame_attention`."""
+    fused = None  # a fused.Kernels (UNet3D.fuse_)
 
     def __init__(self, d, heads, context_dim=None):
         super().__init__()
@@ -39,7 +46,15 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, store=None):
         context = x if context is None else context
-        out = attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, store, self.path)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if x.ndim == 3:
+            out = attend(q, k, v, self.heads, store, self.path)
+        elif store is not None and store.wants(self.path):  # a temporal map to capture: fold the frames
+            b, f, p, d = q.shape
+            q, k, v = (t.transpose(1, 2).reshape(b * p, f, d) for t in (q, k, v))  # b f p d -> (b p) f d
+            out = attend(q, k, v, self.heads, store, self.path).view(b, p, f, d).transpose(1, 2)  # -> b f p d
+        else:
+            out = self.fused.frame_attention(q, k, v, self.heads)
         return self.to_out[0](out)
 
 
@@ -108,7 +123,13 @@ class Transformer2DModel(nn.Module):
 
 
 class TransformerTemporalModel(nn.Module):
-    """Temporal transformer: tokens are the f frames at one pixel, no positional embedding (§4.7)."""
+    """Temporal transformer: tokens are the f frames at one pixel, no positional embedding (§4.7).
+
+    With `fused` set (and its kernels applying to f and the head width) the tokens stay (b, f, h·w, c), a view of
+    the channels-last activations, and the attention reads each position's frames in place; otherwise they are
+    folded to (b h w, f, c), one copy in, the attention of `attention.attend`. Same values (tests/test_fused.py).
+    """
+    fused = None  # a fused.Kernels (UNet3D.fuse_)
 
     def __init__(self, c, heads, head_dim, groups=32):
         super().__init__()
@@ -120,9 +141,16 @@ class TransformerTemporalModel(nn.Module):
 
     def forward(self, x, f, store=None, cheap=False):
         bf, c, h, w = x.shape
-        b = bf // f
+        b, heads = bf // f, self.transformer_blocks[0].attn1.heads
+        in_place = self.fused is not None and self.fused.in_place_frames(f, self.proj_in.out_features // heads)
         t = self.norm(batch_to_frames(x, f))  # 5-D GroupNorm: statistics over all frames
-        t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
+        if in_place:  # the attention reads the frames in place
+            t = t.permute(0, 2, 3, 4, 1).reshape(b, f, h * w, c)  # b c f h w -> b f (h w) c, a view
+        else:
+            t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
         t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store, cheap=cheap))
-        t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
-        return frames_to_batch(batch_to_frames(x, f) + t)  # the add reads t in x's order: the one copy out
+        if in_place:
+            t = t.view(b, f, h, w, c).permute(0, 4, 1, 2, 3)  # b f (h w) c -> b c f h w, a view
+        else:
+            t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
+        return frames_to_batch(batch_to_frames(x, f) + t)  # the add reads t in x's order (folded: the copy out)

@@ -17,7 +17,7 @@ import fused
 from memory import GroupNorm
 from memory import batch_to_frames
 from unet3d import UNet3D, UNet3DConfig, norm_silu
-from unet_transformers import GEGLU
+from unet_transformers import GEGLU, Attention
 
 pytestmark = pytest.mark.usefixtures("one_thread", "no_tf32")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -167,6 +167,42 @@ def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, 
     assert rel(kernels.geglu_fwd(h), fused.geglu_forward(h)) <= 1e-6
     assert rel(kernels.geglu_bwd(gh, h), fused.geglu_backward(gh, h)) <= 1e-6
     assert rel(kernels.add_bias(x, g, w), fused.add_forward(x, g, w)) <= 1e-6
+
+
+@pytest.mark.parametrize("b,f,p,heads,e,block", [
+    (2, 24, 7, 2, 64, 64),   # the model's 24 frames: 2 positions per tile, the last tile half empty
+    (2, 16, 11, 1, 32, 64),  # 16 frames: 4 positions per tile
+    (3, 5, 7, 2, 16, 64),    # 12 positions per tile, 4 rows left over (masked)
+    (2, 3, 9, 1, 32, 64),    # one tile per batch, more positions per tile than there are
+    (1, 64, 3, 1, 16, 64),   # f = BLOCK: one position per tile
+    (2, 24, 7, 2, 64, 128),  # 5 positions per tile, 8 rows left over
+])
+def test_frame_attention_kernels_equal_the_reference(triton_kernels, b, f, p, heads, e, block):
+    """kernels_attention.py against fused.frame_attention (PyTorch SDPA): output, and ∂L/∂q, ∂L/∂k, ∂L/∂v."""
+    _, device = triton_kernels
+    frames = importlib.import_module("kernels_attention")
+    assert frames.supports(f, e)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, g = ((torch.randn(b, f, p, heads * e, generator=gen) * 2).to(device) for _ in range(4))
+    qkv = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = fused.frame_attention(*qkv, heads)
+    grads_ref = torch.autograd.grad(ref, qkv, g)
+    assert rel(frames.frame_attention_fwd(q, k, v, heads, block), ref.detach()) <= 1e-5
+    for d, d_ref in zip(frames.frame_attention_bwd(g, q, k, v, heads, block), grads_ref):
+        assert rel(d, d_ref) <= 1e-5
+    assert not frames.supports(65, 64) and not frames.supports(24, 40) and not frames.supports(24, 8)
+
+
+def test_temporal_attention_folds_the_frames_for_a_wanted_map():
+    """A temporal Attention on in-place tokens whose path a store wants captures (b p, n, f, f) probabilities and
+    gives the same output as the in-place frame attention."""
+    torch.manual_seed(0)
+    attn = Attention(32, 2).eval().requires_grad_(False)
+    attn.path, attn.fused = "temporal", fused.Kernels("torch")
+    x = torch.randn(2, 5, 6, 32)  # b f p d
+    store = A.AttentionStore(paths=("temporal",))
+    out = attn(x, store=store)
+    assert rel(out, attn(x)) <= 1e-6 and store.maps["temporal"].shape == (2 * 6, 2, 5, 5)
 
 
 # -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention as A
+import fused
 from memory import Conv2d, Conv3d, GroupNorm, batch_to_frames, frames_to_batch, group_norm, memory_format
 from unet3d import UNet3D, UNet3DConfig
 
@@ -272,3 +273,22 @@ def test_copy_sources_smoke(capsys):
     out = capsys.readouterr().out
     assert "# copies in one guidance pass" in out and "_ConvKeepsNoInputBackward: clone" in out
     assert int(out.split("fused=")[1].split(": ")[1].split(" ops")[0]) > 0
+
+
+def test_fused_temporal_transformers_keep_their_tokens_in_place(unet):
+    """With fused kernels the temporal transformers copy nothing: their tokens are (b, f, h·w, c) views of the
+    channels-last activations (the copies left are the 'torch' reference attention's, which the Triton kernel does
+    not make), and the output equals the unfused one, whose tokens are folded to (b h w) f c."""
+    x, t, ctx = inputs(seed=4)
+    ys = []
+    with torch.no_grad():
+        ys.append(unet(x, t, ctx))
+        try:
+            unet.fuse_(kernels=fused.Kernels("torch"))
+            outs, ops = walk(unet, lambda: ys.append(unet(x, t, ctx)))
+        finally:
+            unet.fuse_(False)
+    temporal = [o for path, cls, o in outs if cls == "Linear" and path.endswith("proj_in") and "attentions" not in path]
+    assert temporal and all(o.ndim == 4 for o in temporal)  # transformer_in and temp_attentions: b f (h w) d
+    assert "TransformerTemporalModel" not in ops.copies and ops.copies["UNet3D"] == 5, ops.copies
+    assert float((ys[1] - ys[0]).norm() / ys[0].norm()) <= 1e-5  # fp32; the fused norms round differently

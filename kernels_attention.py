@@ -1,0 +1,110 @@
+"""Triton kernels for the temporal transformer's attention: softmax(q·kᵀ/√e)·v over the f frames at each position,
+forward and backward, read in place from the channels-last token order (b, f, p, n·e).
+
+What to read: `fused.frame_attention` (the same math through PyTorch SDPA, the reference these kernels are tested
+against, tests/test_fused.py); modelscope-architecture.md §4.7 (the temporal transformer: tokens are the f frames at
+one pixel); results/perf-notes.md (fifth session: why a kernel of our own).
+
+Official implementation: diffusers' TransformerTemporalModel permutes the activations to (b h w) f c, a copy in
+and one out, and runs SDPA, whose flash kernels tile the 16- or 24-long sequences to 64 or 128. Deliberate
+differences: no permute (the kernel gathers each sequence's rows, stride p·n·e apart, 128 contiguous bytes each),
+and several sequences share one tile: a program takes PB = BLOCK // f positions × f frames as one BLOCK-row tile of
+one head and masks the score matrix to its diagonal blocks (a row attends only to the rows of its own position).
+The backward recomputes the probabilities in the tile (no log-sum-exp kept, the output not read):
+dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO·vᵀ. Products accumulate in fp32; P is rounded to the input's dtype before
+P·v, as in flash attention.
+
+Glossary: b (batch), f (frames), p (positions h·w), n (heads), e (head width), D = n·e, PB (positions per tile).
+"""
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 64  # rows per tile: 2 positions × 24 frames, or 4 × 16
+
+
+@triton.jit
+def _tile(P, D, F, PB: tl.constexpr, BLOCK: tl.constexpr, E: tl.constexpr):
+    """Program (tile, head)'s rows r = pp·f + i (position p0 + pp, frame i): the (BLOCK, E) offsets into a
+    (b, f, p, D) tensor, the rows' validity, and pp (the block-diagonal mask's key)."""
+    tiles = tl.cdiv(P, PB)
+    bi, p0 = tl.program_id(0) // tiles, (tl.program_id(0) % tiles) * PB
+    r = tl.arange(0, BLOCK)
+    pp, i = r // F, r % F
+    valid = (pp < PB) & (p0 + pp < P)
+    token = (bi * F + i).to(tl.int64) * P + p0 + pp  # row (b, f, p) of the token tensor
+    return token[:, None] * D + tl.program_id(1) * E + tl.arange(0, E)[None, :], valid, pp
+
+
+@triton.jit
+def _probs(q, k, pp, valid, scale):
+    """softmax(q·kᵀ·scale) over the keys of each row's own position, fp32 (BLOCK, BLOCK); invalid rows are 0."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = tl.where((pp[:, None] == pp[None, :]) & valid[None, :], s, float("-inf"))
+    mx = tl.where(valid, tl.max(s, axis=1), 0.0)
+    e = tl.exp(s - mx[:, None])
+    return e / tl.where(valid, tl.sum(e, axis=1), 1.0)[:, None]
+
+
+@triton.jit
+def _frames_fwd(q_ptr, k_ptr, v_ptr, o_ptr, P, D, F, scale, PB: tl.constexpr, BLOCK: tl.constexpr,
+                E: tl.constexpr):
+    offs, valid, pp = _tile(P, D, F, PB, BLOCK, E)
+    m = valid[:, None]
+    q = tl.load(q_ptr + offs, mask=m, other=0.0)
+    k = tl.load(k_ptr + offs, mask=m, other=0.0)
+    v = tl.load(v_ptr + offs, mask=m, other=0.0)
+    p = _probs(q, k, pp, valid, scale)
+    o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _frames_bwd(q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, P, D, F, scale, PB: tl.constexpr,
+                BLOCK: tl.constexpr, E: tl.constexpr):
+    offs, valid, pp = _tile(P, D, F, PB, BLOCK, E)
+    m = valid[:, None]
+    q = tl.load(q_ptr + offs, mask=m, other=0.0)
+    k = tl.load(k_ptr + offs, mask=m, other=0.0)
+    v = tl.load(v_ptr + offs, mask=m, other=0.0)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0)  # ∂L/∂o
+    p = _probs(q, k, pp, valid, scale)
+    dv = tl.dot(tl.trans(p.to(g.dtype)), g, input_precision="ieee")
+    dp = tl.dot(g, tl.trans(v), input_precision="ieee")
+    ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # ∂L/∂(q·kᵀ)
+    dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=m)
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=m)
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=m)
+
+
+# -----------------------------------------------------------------------------
+# launchers: the same signature and result as fused.frame_attention
+
+def supports(f, e):
+    """True where the kernels apply: a head width that is a power of 2 (16 or more), f frames within one tile."""
+    return e >= 16 and e & (e - 1) == 0 and f <= _BLOCK
+
+
+def _grid(q, heads, block, warps):
+    b, f, p, d = q.shape
+    pb = block // f
+    return (b * triton.cdiv(p, pb), heads), dict(P=p, D=d, F=f, scale=(d // heads) ** -0.5, PB=pb, BLOCK=block,
+                                                  E=d // heads, num_warps=warps)
+
+
+def frame_attention_fwd(q, k, v, heads, block=_BLOCK, warps=4):
+    """q, k, v (b, f, p, n·e) contiguous -> o (b, f, p, n·e): attention over f at each (b, p), per head."""
+    grid, args = _grid(q, heads, block, warps)
+    o = torch.empty_like(q)
+    _frames_fwd[grid](q, k, v, o, **args)
+    return o
+
+
+def frame_attention_bwd(g, q, k, v, heads, block=_BLOCK, warps=4):
+    """(∂L/∂q, ∂L/∂k, ∂L/∂v) from g = ∂L/∂o, all (b, f, p, n·e) contiguous."""
+    grid, args = _grid(q, heads, block, warps)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _frames_bwd[grid](q, k, v, g, dq, dk, dv, **args)
+    return dq, dk, dv
