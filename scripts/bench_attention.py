@@ -1,0 +1,110 @@
+"""The temporal transformer's attention on the GPU: PyTorch SDPA (as before, and on strided views) against the
+Triton kernels of kernels_attention.py, per UNet level, forward (the CFG step's batch 2) and forward+backward
+(the guidance pass's batch 1).
+
+What to read: kernels_attention.py, fused.frame_attention, results/perf-notes.md (fifth session).
+
+Per size (frames x height x width in pixels), fp16, q, k, v (b, f, h·w, n·64) as the temporal transformer makes them
+(transformer_in: 8 heads; the blocks' temporal transformers: c / 64 heads):
+  permute+SDPA  the old path: a copy to (b h w) f c, then SDPA (its one copy out was folded into the residual add);
+  SDPA strided  fused.frame_attention: SDPA on the (b p) n f e view, no copy;
+  triton B/W    the kernels, B rows per tile, W warps.
+Each: median ms (CUDA events), TFLOP/s of the useful work (4·b·p·n·f²·e forward, 2.5× that forward+backward), and
+the kernel's relative error against SDPA. Usage: python scripts/bench_attention.py [--sizes 16x256x256,24x320x576]
+"""
+import argparse
+import functools
+import os
+import sys
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import fused  # noqa: E402
+import kernels_attention as ka  # noqa: E402
+from bench import cuda_ms  # noqa: E402
+
+CONFIGS = [(16, 64), (16, 128), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows per tile, warps)
+
+
+def levels(f, h, w):
+    """(name, p, heads) of every temporal attention shape of the 1.7B UNet at an h x w latent."""
+    out, c = [("transformer_in", h * w, 8)], (320, 640, 1280, 1280)
+    for i, ch in enumerate(c):
+        out.append((f"level {i}", h * w, ch // 64))
+        h, w = -(-h // 2), -(-w // 2)
+    return out
+
+
+def old_path(q, k, v, heads):
+    b, f, p, d = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(b * p, f, d) for t in (q, k, v))  # b f p d -> (b p) f d, a copy
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (b p) f (n e) -> (b p) n f e
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def tuned(block, warps):
+    """kernels_attention's launchers at `block` rows per tile and `warps` warps (fused._FrameAttention's argument)."""
+    return types.SimpleNamespace(
+        frame_attention_fwd=functools.partial(ka.frame_attention_fwd, block=block, warps=warps),
+        frame_attention_bwd=functools.partial(ka.frame_attention_bwd, block=block, warps=warps))
+
+
+def fwd_bwd(fn, q, k, v, g):
+    def run():
+        qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*qkv)
+        torch.autograd.backward(out, g.reshape(out.shape))  # any values: this times the backward
+    return run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="16x256x256,24x320x576")
+    ap.add_argument("--runs", type=int, default=20)
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench_attention.py needs CUDA"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16")
+    totals = {}
+    for size in args.sizes.split(","):
+        f, hp, wp = map(int, size.split("x"))
+        for name, p, heads in levels(f, hp // 8, wp // 8):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            rows = []
+            for mode, b in (("fwd", 2), ("fwd+bwd", 1)):
+                q, k, v, g = (torch.randn(b, f, p, heads * 64, device="cuda", dtype=torch.float16, generator=gen)
+                              for _ in range(4))
+                flop = 4 * b * p * heads * f * f * 64 * (1 if mode == "fwd" else 2.5)
+                ref = fused.frame_attention(q, k, v, heads).float()
+                fns = {"permute+SDPA": lambda q, k, v: old_path(q, k, v, heads),
+                       "SDPA strided": lambda q, k, v: fused.frame_attention(q, k, v, heads)}
+                for block, warps in CONFIGS:
+                    if block >= f:
+                        fns[f"triton {block}/{warps}"] = (
+                            lambda q, k, v, tuned=tuned(block, warps): fused._FrameAttention.apply(q, k, v, heads,
+                                                                                                   tuned))
+                for label, fn in fns.items():
+                    with torch.no_grad():
+                        err = ((fn(q, k, v).float().reshape(ref.shape) - ref).norm() / ref.norm()).item() \
+                            if label.startswith("triton") else 0.0
+                    run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, g)
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            ms = cuda_ms(run, args.runs)[0]
+                    else:
+                        ms = cuda_ms(run, args.runs)[0]
+                    totals[(size, mode, label)] = totals.get((size, mode, label), 0.0) + ms
+                    rows.append(f"  {mode:8s} {label:14s} {ms:8.3f} ms {flop / ms / 1e9:7.1f} TFLOP/s  err {err:.1e}")
+            print(f"{size} {name}: b·p = {p} positions, {heads} heads, f = {f}")
+            print("\n".join(rows))
+    print("\nTotals over one UNet pass's shapes, each level counted once (the UNet runs some levels 2-3 times):")
+    for (size, mode, label), ms in totals.items():
+        print(f"  {size:11s} {mode:8s} {label:14s} {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
