@@ -28,7 +28,7 @@ import fused  # noqa: E402
 import kernels_attention as ka  # noqa: E402
 from bench import cuda_ms  # noqa: E402
 
-CONFIGS = [(16, 64), (16, 128), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows per tile, warps)
+CONFIGS = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows per tile, warps)
 
 
 def levels(f, h, w):
