@@ -1,5 +1,6 @@
 """Fused kernels for the UNet's memory-bound work: GroupNorm (+ SiLU, + a broadcast add), LayerNorm, GEGLU's gate,
-and residual adds that take the bias of the convolution before them.
+residual adds that take the bias of the convolution before them, and the temporal transformers' attention over
+the frames on in-place tokens.
 
 What to read: results/perf-notes.md (2026-12-01: after CUDA graphs and channels-last, a third of the 576×320×24 CFG
 step's kernel time was eager GroupNorm, SiLU, GEGLU, LayerNorm and bias adds, each a separate pass over memory at
@@ -14,7 +15,9 @@ How: `UNet3D.fuse_()` gives one `Kernels` to every GroupNorm, LayerNorm and GEGL
 their forward then calls `_Norm` / `_GEGLU`, autograd Functions for frozen weights whose backward is a kernel too
 and which keep only the input and the (n, groups) statistics (what the 'cheap' memory mode keeps by hand).
 With the kernels on, the resnets and temporal convolutions run their convolutions without bias and fold it into
-the next fused op: the next GroupNorm's add (with the time embedding) or the residual add (`Kernels.add`).
+the next fused op: the next GroupNorm's add (with the time embedding) or the residual add (`Kernels.add`); the
+temporal transformers keep their (b, f, h·w, c) tokens in place and attend over f through `Kernels.frame_attention`
+(kernels_attention.py; `frame_attention` below is its math through SDPA, results/perf-notes.md, fifth session).
 Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
 ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
 (dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
