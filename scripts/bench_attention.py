@@ -7,7 +7,7 @@ What to read: kernels_attention.py, fused.frame_attention, results/perf-notes.md
 Per size (frames x height x width in pixels), fp16, q, k, v (b, f, h·w, n·64) as the temporal transformer makes them
 (transformer_in: 8 heads; the blocks' temporal transformers: c / 64 heads):
   permute+SDPA  the old path: a copy to (b h w) f c, then SDPA (its one copy out was folded into the residual add);
-  SDPA strided  fused.frame_attention: SDPA on the (b p) n f e view, no copy;
+  SDPA strided  fused.frame_attention (the reference): SDPA on (b p) n f e, a view at b = 1 (b = 2 copies);
   triton B/W    the kernels, B rows per tile, W warps.
 Each: median ms (CUDA events), TFLOP/s of the useful work (4·b·p·n·f²·e forward, 2.5× that forward+backward), and
 the kernel's relative error against SDPA. Usage: python scripts/bench_attention.py [--sizes 16x256x256,24x320x576]
