@@ -17,7 +17,8 @@ and which keep only the input and the (n, groups) statistics (what the 'cheap' m
 With the kernels on, the resnets and temporal convolutions run their convolutions without bias and fold it into
 the next fused op: the next GroupNorm's add (with the time embedding) or the residual add (`Kernels.add`); the
 temporal transformers keep their (b, f, h·w, c) tokens in place and attend over f through `Kernels.frame_attention`
-(kernels_attention.py; `frame_attention` below is its math through SDPA, results/perf-notes.md, fifth session).
+(kernels_attention.py; `frame_attention` below is its math through `attention.attend`, results/perf-notes.md,
+fifth session).
 Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
 ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
 (dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
@@ -30,6 +31,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attention import attend
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +137,13 @@ def add_forward(a, b, bias):
     return (a.to(f) + b.to(f) + bias.to(f)).to(a.dtype)
 
 
-def frame_attention(q, k, v, heads: int):
+def frame_attention(q, k, v, heads, store=None, path=None):
     """The temporal transformer's attention: q, k, v (b, f, p, n·e), tokens in the channels-last order, attended
-    over f at each (b, p), per head, through PyTorch SDPA. -> (b, f, p, n·e)."""
+    over f at each (b, p), per head: the tokens folded to (b p) f (n e) for `attention.attend` (SDPA, or the
+    probabilities captured where `store` wants `path`). -> (b, f, p, n·e)."""
     b, f, p, d = q.shape
-    q, k, v = (t.unflatten(-1, (heads, d // heads)).permute(0, 2, 3, 1, 4).reshape(b * p, heads, f, -1)
-               for t in (q, k, v))  # b f p (n e) -> (b p) n f e
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.view(b, p, heads, f, -1).permute(0, 3, 1, 2, 4).flatten(3)  # (b p) n f e -> b f p (n e)
+    q, k, v = (t.transpose(1, 2).reshape(b * p, f, d) for t in (q, k, v))  # b f p d -> (b p) f d
+    return attend(q, k, v, heads, store, path).view(b, p, f, d).transpose(1, 2)  # (b p) f d -> b f p d
 
 
 class _Norm(torch.autograd.Function):

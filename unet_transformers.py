@@ -49,10 +49,8 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         if x.ndim == 3:
             out = attend(q, k, v, self.heads, store, self.path)
-        elif store is not None and store.wants(self.path):  # a temporal map to capture: fold the frames
-            b, f, p, d = q.shape
-            q, k, v = (t.transpose(1, 2).reshape(b * p, f, d) for t in (q, k, v))  # b f p d -> (b p) f d
-            out = attend(q, k, v, self.heads, store, self.path).view(b, p, f, d).transpose(1, 2)  # -> b f p d
+        elif store is not None and store.wants(self.path):  # a temporal map to capture: the folded reference
+            out = fused.frame_attention(q, k, v, self.heads, store, self.path)
         else:
             out = self.fused.frame_attention(q, k, v, self.heads)
         return self.to_out[0](out)

@@ -1,4 +1,4 @@
-"""The temporal transformer's attention on the GPU: PyTorch SDPA (as before, and on strided views) against the
+"""The temporal transformer's attention on the GPU: PyTorch SDPA on folded tokens (as before) against the
 Triton kernels of kernels_attention.py, per UNet level, forward (the CFG step's batch 2) and forward+backward
 (the guidance pass's batch 1).
 
@@ -6,8 +6,8 @@ What to read: kernels_attention.py, fused.frame_attention, results/perf-notes.md
 
 Per size (frames x height x width in pixels), fp16, q, k, v (b, f, h·w, n·64) as the temporal transformer makes them
 (transformer_in: 8 heads; the blocks' temporal transformers: c / 64 heads):
-  permute+SDPA  the old path: a copy to (b h w) f c, then SDPA (its one copy out was folded into the residual add);
-  SDPA strided  fused.frame_attention (the reference): SDPA on (b p) n f e, a view at b = 1 (b = 2 copies);
+  permute+SDPA  fused.frame_attention, the reference and the unfused path: q, k, v copied to (b h w) f c, SDPA, and
+                the output permuted back;
   triton B/W    the kernels, B rows per tile, W warps.
 Each: median ms (CUDA events), TFLOP/s of the useful work (4·b·p·n·f²·e forward, 2.5× that forward+backward), and
 the kernel's relative error against SDPA. Usage: python scripts/bench_attention.py [--sizes 16x256x256,24x320x576]
@@ -40,13 +40,6 @@ def levels(f, h, w):
     return out
 
 
-def old_path(q, k, v, heads):
-    b, f, p, d = q.shape
-    q, k, v = (t.transpose(1, 2).reshape(b * p, f, d) for t in (q, k, v))  # b f p d -> (b p) f d, a copy
-    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (b p) f (n e) -> (b p) n f e
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
 def tuned(block, warps):
     """kernels_attention's launchers at `block` rows per tile and `warps` warps (fused._FrameAttention's argument)."""
     return types.SimpleNamespace(
@@ -58,7 +51,7 @@ def fwd_bwd(fn, q, k, v, g):
     def run():
         qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out = fn(*qkv)
-        torch.autograd.backward(out, g.reshape(out.shape))  # any values: this times the backward
+        torch.autograd.backward(out, g)
     return run
 
 
@@ -80,8 +73,7 @@ def main(argv=None):
                               for _ in range(4))
                 flop = 4 * b * p * heads * f * f * 64 * (1 if mode == "fwd" else 2.5)
                 ref = fused.frame_attention(q, k, v, heads).float()
-                fns = {"permute+SDPA": lambda q, k, v: old_path(q, k, v, heads),
-                       "SDPA strided": lambda q, k, v: fused.frame_attention(q, k, v, heads)}
+                fns = {"permute+SDPA": lambda q, k, v: fused.frame_attention(q, k, v, heads)}
                 for block, warps in CONFIGS:
                     if block >= f:
                         fns[f"triton {block}/{warps}"] = (
@@ -89,13 +81,9 @@ def main(argv=None):
                                                                                                    tuned))
                 for label, fn in fns.items():
                     with torch.no_grad():
-                        err = ((fn(q, k, v).float().reshape(ref.shape) - ref).norm() / ref.norm()).item() \
-                            if label.startswith("triton") else 0.0
+                        err = ((fn(q, k, v).float() - ref).norm() / ref.norm()).item()
                     run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, g)
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            ms = cuda_ms(run, args.runs)[0]
-                    else:
+                    with torch.set_grad_enabled(mode != "fwd"):
                         ms = cuda_ms(run, args.runs)[0]
                     totals[(size, mode, label)] = totals.get((size, mode, label), 0.0) + ms
                     rows.append(f"  {mode:8s} {label:14s} {ms:8.3f} ms {flop / ms / 1e9:7.1f} TFLOP/s  err {err:.1e}")
