@@ -137,6 +137,53 @@ def add_forward(a, b, bias):
     return (a.to(f) + b.to(f) + bias.to(f)).to(a.dtype)
 
 
+def _with_residual(gx, residual):
+    """gx + residual (the gradient of a residual path that read the same x), in fp32, rounded once."""
+    return gx if residual is None else (gx.to(_acc(gx)) + residual.to(_acc(gx))).to(gx.dtype)
+
+
+def _group_norm_backward(g, x, weight, bias, add, mean, rstd, groups, silu, residual=None):
+    return _with_residual(norm_backward(g, x, weight, bias, add, mean, rstd, groups, silu), residual)
+
+
+def _layer_norm_forward(x, weight, bias, eps, add=None):
+    """LayerNorm of x (1, R, c) [+ add (c,)] as `norm_forward` (groups = 0)."""
+    return norm_forward(x, weight, bias, None if add is None else add.view(1, 1, -1), 0, eps, False)
+
+
+def _layer_norm_backward(g, x, weight, bias, mean, rstd, add=None, residual=None):
+    """∂L/∂x of `_layer_norm_forward`, plus `residual` (another path's gradient for x) where given."""
+    gx = norm_backward(g, x, weight, bias, None if add is None else add.view(1, 1, -1), mean, rstd, 0, False)
+    return _with_residual(gx, residual)
+
+
+def add_linear(x, a, linear):
+    """x + a·Wᵀ for `linear` (nn.Linear, its bias left out: the caller carries it), in one matrix product
+    (cuBLAS's C + A·B epilogue) instead of the product and an add: x (..., d), a (..., k) -> (..., d)."""
+    d = linear.out_features
+    return torch.addmm(x.reshape(-1, d), a.reshape(-1, a.shape[-1]), linear.weight.t()).view(x.shape)
+
+
+class Folded:
+    """A tensor computed from frozen parameters (biases folded into another op), recomputed when any of them
+    changes (a weight load gives new storage or bumps the in-place version counter). Recomputed values are
+    written into the first one where the shape, dtype and device allow, so a CUDA graph that read it stays valid."""
+
+    def __init__(self, fn):
+        self.fn, self.key, self.value = fn, None, None
+
+    def __call__(self, *params):
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if key != self.key:
+            with torch.no_grad():
+                v = self.fn(*params)
+                old = self.value
+                if old is not None and (old.shape, old.dtype, old.device) == (v.shape, v.dtype, v.device):
+                    v = old.copy_(v)
+            self.key, self.value = key, v
+        return self.value
+
+
 def frame_attention(q, k, v, heads, store=None, path=None):
     """The temporal transformer's attention: q, k, v (b, f, p, n·e), tokens in the channels-last order, attended
     over f at each (b, p), per head: the tokens folded to (b p) f (n e) for `attention.attend` (SDPA, or the
@@ -147,30 +194,32 @@ def frame_attention(q, k, v, heads, store=None, path=None):
 
 
 class _Norm(torch.autograd.Function):
-    """y = norm(x) with frozen weights through k.gn / k.gn_bwd (or k.ln / k.ln_bwd); keeps x and the statistics."""
+    """y = norm(x) with frozen weights through k.gn / k.gn_bwd (or k.ln / k.ln_bwd); keeps x and the statistics.
+    With `keep`: -> (y, x), x for a residual path, whose gradient the backward kernel adds to its own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, add, groups, eps, silu, k):
+    def forward(ctx, x, weight, bias, add, groups, eps, silu, k, keep=False):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise ValueError("fused norms are for frozen weights (inference and latent guidance) only")
-        x = x.contiguous()
+        xc = x.contiguous()
         if groups:
-            y, mean, rstd = k.gn(x, weight, bias, add, groups, eps, silu)
+            y, mean, rstd = k.gn(xc, weight, bias, add, groups, eps, silu)
         else:
-            y, mean, rstd = k.ln(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+            y, mean, rstd = k.ln(xc, weight, bias, eps, add)
+        ctx.save_for_backward(xc, weight, bias, add, mean, rstd)
         ctx.groups, ctx.silu, ctx.k = groups, silu, k
-        return y
+        return (y, x) if keep else y
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_x=None):
         x, weight, bias, add, mean, rstd = ctx.saved_tensors
         g = g.contiguous()
+        r = None if g_x is None else g_x.contiguous()
         if ctx.groups:
-            gx = ctx.k.gn_bwd(g, x, weight, bias, add, mean, rstd, ctx.groups, ctx.silu)
+            gx = ctx.k.gn_bwd(g, x, weight, bias, add, mean, rstd, ctx.groups, ctx.silu, r)
         else:
-            gx = ctx.k.ln_bwd(g, x, weight, bias, mean, rstd)
-        return gx, None, None, None, None, None, None, None
+            gx = ctx.k.ln_bwd(g, x, weight, bias, mean, rstd, add, r)
+        return gx, None, None, None, None, None, None, None, None
 
 
 class _GEGLU(torch.autograd.Function):
@@ -206,7 +255,8 @@ class _FrameAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, heads, kernels):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if kernels.rows_apart(q, k, v) is None:  # else read in place (contiguous, or views of one qkv product)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ctx.save_for_backward(q, k, v)
         ctx.heads, ctx.kernels = heads, kernels
         return kernels.frame_attention_fwd(q, k, v, heads)
@@ -230,9 +280,8 @@ class Kernels:
             import kernels_attention
             self.frames = kernels_attention
         elif backend == "torch":
-            self.gn, self.gn_bwd = norm_forward, norm_backward
-            self.ln = lambda x, w, b, eps: norm_forward(x, w, b, None, 0, eps, False)
-            self.ln_bwd = lambda g, x, w, b, mean, rstd: norm_backward(g, x, w, b, None, mean, rstd, 0, False)
+            self.gn, self.gn_bwd = norm_forward, _group_norm_backward
+            self.ln, self.ln_bwd = _layer_norm_forward, _layer_norm_backward
             self.geglu_fwd, self.geglu_bwd = geglu_forward, geglu_backward
             self.add_fwd = add_forward
             self.frames = None
@@ -245,23 +294,27 @@ class Kernels:
         """The functions for x's device: Triton's kernels need a CUDA tensor; a CPU one gets the 'torch' math."""
         return self if x.is_cuda else self.reference
 
-    def group_norm(self, norm, x, silu=False, add=None):
+    def group_norm(self, norm, x, silu=False, add=None, keep=False):
         """[SiLU](GroupNorm `norm`(x [+ add])) for a channels-last x (n, c, *s); add (n, c) broadcast over s.
-        -> (n, c, *s), channels-last. Another layout, or groups not a power of 2 (the group counts the kernel tests
-        cover): None (run the eager path)."""
+        -> (n, c, *s), channels-last; with `keep`, (x, y) as `layer_norm`. Another layout, or groups not a power
+        of 2 (the group counts the kernel tests cover): None (run the eager path)."""
         n, c = x.shape[:2]
         xt = x.movedim(1, -1)  # n c *s -> n *s c, a view
         groups = norm.num_groups
         if not xt.is_contiguous() or groups & (groups - 1):
             return None
         add = None if add is None else add.reshape(n, 1, c)
-        y = _Norm.apply(xt.view(n, -1, c), norm.weight, norm.bias, add, groups, norm.eps, silu, self._for(x))
-        return y.view(xt.shape).movedim(-1, 1)  # n s c -> n *s c -> n c *s, channels-last
+        y = _Norm.apply(xt.view(n, -1, c), norm.weight, norm.bias, add, groups, norm.eps, silu, self._for(x), keep)
+        back = lambda t: t.view(xt.shape).movedim(-1, 1)  # noqa: E731 (n s c -> n *s c -> n c *s, channels-last)
+        return (back(y[1]), back(y[0])) if keep else back(y)
 
-    def layer_norm(self, norm, x):
-        """nn.LayerNorm `norm` (over the last dim) of x (..., c)."""
+    def layer_norm(self, norm, x, add=None, keep=False):
+        """nn.LayerNorm `norm` (over the last dim) of x (..., c) [+ add (c,)]. With `keep`: -> (x, y), x to read
+        for the residual add (whose gradient then joins the norm's backward kernel instead of a separate add)."""
         c = x.shape[-1]
-        y = _Norm.apply(x.reshape(1, -1, c), norm.weight, norm.bias, None, 0, norm.eps, False, self._for(x))  # -> 1 s c
+        y = _Norm.apply(x.reshape(1, -1, c), norm.weight, norm.bias, add, 0, norm.eps, False, self._for(x), keep)
+        if keep:  # (1, R, c) twice -> x's shape
+            return y[1].view(x.shape), y[0].view(x.shape)
         return y.view(x.shape)
 
     def geglu(self, h):
@@ -293,5 +346,9 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters, same keys); through the fused kernel when `fused` holds a `Kernels`."""
     fused = None
 
-    def forward(self, x):
-        return super().forward(x) if self.fused is None else self.fused.layer_norm(self, x)
+    def forward(self, x, add=None, keep=False):
+        """LayerNorm(x [+ add (c,)]); with `keep` -> (x, LayerNorm(...)) (`Kernels.layer_norm`)."""
+        if self.fused is not None:
+            return self.fused.layer_norm(self, x, add, keep)
+        y = super().forward(x if add is None else x + add.to(x.dtype))
+        return (x, y) if keep else y

@@ -225,9 +225,10 @@ def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.cons
 
 
 @triton.jit
-def _norm_grad(x_ptr, g_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total, SC, C, SILU: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """∂L/∂x = ∂L/∂z·scale + x·c3 + c4 (the GroupNorm input gradient, rearranged per (n, c))."""
+def _norm_grad(x_ptr, g_ptr, r_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total, SC, C, SILU: tl.constexpr,
+               HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+    """∂L/∂x = ∂L/∂z·scale + x·c3 + c4 (the GroupNorm input gradient, rearranged per (n, c)) [+ r, the gradient
+    of a residual path that also reads x]."""
     o, m, vec = _flat(total, SC, C, BLOCK)
     x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
     gz = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
@@ -235,6 +236,8 @@ def _norm_grad(x_ptr, g_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total
     if SILU:
         gz = _silu_grad(gz, x * scale + tl.load(shift_ptr + vec, mask=m, other=0.0))
     dx = gz * scale + x * tl.load(c3_ptr + vec, mask=m, other=0.0) + tl.load(c4_ptr + vec, mask=m, other=0.0)
+    if HAS_R:
+        dx += tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32)
     tl.store(dx_ptr + o, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
@@ -249,10 +252,19 @@ def _add_bias(a_ptr, b_ptr, bias_ptr, y_ptr, total, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _layer_norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, C_PAD: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
-    rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
+def _layer_row(x_ptr, add_ptr, offs, cols, cm, mask, HAS_ADD: tl.constexpr):
+    """The (BLOCK_R, C_PAD) tile of x [+ add (C,)] in fp32, zeros outside."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x += tl.load(add_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def _layer_norm_fwd(x_ptr, add_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, HAS_ADD: tl.constexpr,
+                    C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
+    x = _layer_row(x_ptr, add_ptr, offs, cols, cm, mask, HAS_ADD)
     mean = tl.sum(x, axis=1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
@@ -264,17 +276,21 @@ def _layer_norm_fwd(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, C
 
 
 @triton.jit
-def _layer_norm_bwd(x_ptr, g_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, R, C, C_PAD: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+def _layer_norm_bwd(x_ptr, add_ptr, g_ptr, r_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, R, C,
+                    HAS_ADD: tl.constexpr, HAS_R: tl.constexpr, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dx = LayerNorm's ∂L/∂x from g [+ r, the gradient of a residual path that also reads x]."""
     rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
     rstd = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)[:, None]
-    xhat = tl.where(mask, (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                           - tl.load(mean_ptr + rows, mask=rows < R, other=0.0)[:, None]) * rstd, 0.0)
+    x = _layer_row(x_ptr, add_ptr, offs, cols, cm, mask, HAS_ADD)
+    xhat = tl.where(mask, (x - tl.load(mean_ptr + rows, mask=rows < R, other=0.0)[:, None]) * rstd, 0.0)
     ghat = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) \
         * tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     m1 = tl.sum(ghat, axis=1)[:, None] / C
     m2 = tl.sum(ghat * xhat, axis=1)[:, None] / C
-    tl.store(dx_ptr + offs, (rstd * (ghat - m1 - xhat * m2)).to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = rstd * (ghat - m1 - xhat * m2)
+    if HAS_R:
+        dx += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -340,8 +356,8 @@ def group_norm_fwd(x, weight, bias, add, groups, eps, silu):
     return y, mean, rstd
 
 
-def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu):
-    """∂L/∂x of group_norm_fwd from g = ∂L/∂y (n, s, c) contiguous."""
+def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu, residual=None):
+    """∂L/∂x of group_norm_fwd from g = ∂L/∂y (n, s, c) contiguous, plus `residual` (n, s, c) where given."""
     n, s, c = x.shape
     cg = c // groups
     block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
@@ -356,8 +372,9 @@ def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu):
                              HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k, num_warps=4)
     dx = torch.empty_like(x)
     total = x.numel()
-    _norm_grad[(triton.cdiv(total, _FLAT),)](x, g, dx, scale, shift, c3, c4, total, s * c, c, SILU=silu,
-                                             BLOCK=_FLAT, num_warps=4)
+    _norm_grad[(triton.cdiv(total, _FLAT),)](x, g, g if residual is None else residual, dx, scale, shift, c3, c4,
+                                             total, s * c, c, SILU=silu, HAS_R=residual is not None, BLOCK=_FLAT,
+                                             num_warps=4)
     return dx
 
 
@@ -366,24 +383,29 @@ def _ln_blocks(c):
     return c_pad, max(1, _TILE // 2 // c_pad)
 
 
-def layer_norm_fwd(x, weight, bias, eps):
-    """x (1, R, c) contiguous -> (y, mean (R,), rstd (R,))."""
+def layer_norm_fwd(x, weight, bias, eps, add=None):
+    """x (1, R, c) contiguous, add (c,) or None (added to every row first) -> (y, mean (R,), rstd (R,))."""
     rows, c = x.shape[1], x.shape[2]
     c_pad, block_r = _ln_blocks(c)
     y = torch.empty_like(x)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _layer_norm_fwd[(triton.cdiv(rows, block_r),)](x, y, weight, bias, mean, rstd, rows, c, eps, C_PAD=c_pad,
+    _layer_norm_fwd[(triton.cdiv(rows, block_r),)](x, x if add is None else add, y, weight, bias, mean, rstd, rows,
+                                                    c, eps, HAS_ADD=add is not None, C_PAD=c_pad,
                                                     BLOCK_R=block_r, num_warps=4)
     return y, mean, rstd
 
 
-def layer_norm_bwd(g, x, weight, bias, mean, rstd):
+def layer_norm_bwd(g, x, weight, bias, mean, rstd, add=None, residual=None):
+    """∂L/∂x of layer_norm_fwd from g (1, R, c) contiguous, plus `residual` (1, R, c) (the gradient of another
+    path that read x) where given."""
     rows, c = x.shape[1], x.shape[2]
     c_pad, block_r = _ln_blocks(c)
     dx = torch.empty_like(x)
-    _layer_norm_bwd[(triton.cdiv(rows, block_r),)](x, g, dx, weight, mean, rstd, rows, c, C_PAD=c_pad,
-                                                    BLOCK_R=block_r, num_warps=4)
+    _layer_norm_bwd[(triton.cdiv(rows, block_r),)](x, x if add is None else add, g, g if residual is None else residual,
+                                                    dx, weight, mean, rstd, rows, c, HAS_ADD=add is not None,
+                                                    HAS_R=residual is not None, C_PAD=c_pad, BLOCK_R=block_r,
+                                                    num_warps=4)
     return dx
 
 

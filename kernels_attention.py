@@ -16,7 +16,6 @@ P·v, as in flash attention.
 
 Glossary: b (batch), f (frames), p (positions h·w), n (heads), e (head width), D = n·e, PB (positions per tile).
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -24,16 +23,16 @@ _BLOCK = 64  # rows per tile: 2 positions × 24 frames, or 4 × 16
 
 
 @triton.jit
-def _tile(P, D, F, PB: tl.constexpr, BLOCK: tl.constexpr, E: tl.constexpr):
-    """Program (tile, head)'s rows r = pp·f + i (position p0 + pp, frame i): the (BLOCK, E) offsets into a
-    (b, f, p, D) tensor, the rows' validity, and pp (the block-diagonal mask's key)."""
+def _tile(P, F, PB: tl.constexpr, BLOCK: tl.constexpr, E: tl.constexpr):
+    """Program (tile, head)'s rows r = pp·f + i (position p0 + pp, frame i): their token rows (b, f, p) of a
+    (b, f, p, ·) tensor, the head's columns, the rows' validity, and pp (the block-diagonal mask's key)."""
     tiles = tl.cdiv(P, PB)
     bi, p0 = tl.program_id(0) // tiles, (tl.program_id(0) % tiles) * PB
     r = tl.arange(0, BLOCK)
     pp, i = r // F, r % F
     valid = (pp < PB) & (p0 + pp < P)
-    token = (bi * F + i).to(tl.int64) * P + p0 + pp  # row (b, f, p) of the token tensor
-    return token[:, None] * D + tl.program_id(1) * E + tl.arange(0, E)[None, :], valid, pp
+    token = (bi * F + i).to(tl.int64) * P + p0 + pp
+    return token[:, None], tl.program_id(1) * E + tl.arange(0, E)[None, :], valid, pp
 
 
 @triton.jit
@@ -47,26 +46,27 @@ def _probs(q, k, pp, valid, scale):
 
 
 @triton.jit
-def _frames_fwd(q_ptr, k_ptr, v_ptr, o_ptr, P, D, F, scale, PB: tl.constexpr, BLOCK: tl.constexpr,
+def _frames_fwd(q_ptr, k_ptr, v_ptr, o_ptr, P, D, S, F, scale, PB: tl.constexpr, BLOCK: tl.constexpr,
                 E: tl.constexpr):
-    offs, valid, pp = _tile(P, D, F, PB, BLOCK, E)
-    m = valid[:, None]
+    token, col, valid, pp = _tile(P, F, PB, BLOCK, E)
+    m, offs = valid[:, None], token * S + col  # q, k, v rows S apart (3·D: views of one qkv product), o's D
     q = tl.load(q_ptr + offs, mask=m, other=0.0)
     k = tl.load(k_ptr + offs, mask=m, other=0.0)
     v = tl.load(v_ptr + offs, mask=m, other=0.0)
     p = _probs(q, k, pp, valid, scale)
     o = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(o_ptr + token * D + col, o.to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _frames_bwd(q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, P, D, F, scale, PB: tl.constexpr,
+def _frames_bwd(q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, P, D, S, F, scale, PB: tl.constexpr,
                 BLOCK: tl.constexpr, E: tl.constexpr):
-    offs, valid, pp = _tile(P, D, F, PB, BLOCK, E)
-    m = valid[:, None]
-    q = tl.load(q_ptr + offs, mask=m, other=0.0)
-    k = tl.load(k_ptr + offs, mask=m, other=0.0)
-    v = tl.load(v_ptr + offs, mask=m, other=0.0)
+    token, col, valid, pp = _tile(P, F, PB, BLOCK, E)
+    m, offs_in = valid[:, None], token * S + col
+    q = tl.load(q_ptr + offs_in, mask=m, other=0.0)
+    k = tl.load(k_ptr + offs_in, mask=m, other=0.0)
+    v = tl.load(v_ptr + offs_in, mask=m, other=0.0)
+    offs = token * D + col  # g and the gradients: (b, f, p, D) contiguous
     g = tl.load(g_ptr + offs, mask=m, other=0.0)  # ∂L/∂o
     p = _probs(q, k, pp, valid, scale)
     dv = tl.dot(tl.trans(p.to(g.dtype)), g, input_precision="ieee")
@@ -87,24 +87,34 @@ def supports(f, e):
     return e >= 16 and e & (e - 1) == 0 and f <= _BLOCK
 
 
-def _grid(q, heads, block, warps):
+def rows_apart(q, k, v):
+    """The row stride S where q, k, v (b, f, p, D) are laid out as the kernels read them (tokens S apart, each row's
+    D contiguous; S = D: contiguous, 3·D: views of one qkv product), else None."""
+    b, f, p, d = q.shape
+    s = q.stride(2)
+    ok = all(t.shape == q.shape and t.stride() == (f * p * s, p * s, s, 1) for t in (q, k, v))
+    return s if ok and s >= d else None
+
+
+def _grid(q, heads, block, warps, s):
     b, f, p, d = q.shape
     pb = block // f
-    return (b * triton.cdiv(p, pb), heads), dict(P=p, D=d, F=f, scale=(d // heads) ** -0.5, PB=pb, BLOCK=block,
+    return (b * triton.cdiv(p, pb), heads), dict(P=p, D=d, S=s, F=f, scale=(d // heads) ** -0.5, PB=pb, BLOCK=block,
                                                   E=d // heads, num_warps=warps)
 
 
 def frame_attention_fwd(q, k, v, heads, block=_BLOCK, warps=4):
-    """q, k, v (b, f, p, n·e) contiguous -> o (b, f, p, n·e): attention over f at each (b, p), per head."""
-    grid, args = _grid(q, heads, block, warps)
-    o = torch.empty_like(q)
+    """q, k, v (b, f, p, n·e), laid out as `rows_apart` says -> o (b, f, p, n·e) contiguous: attention over f
+    at each (b, p), per head."""
+    grid, args = _grid(q, heads, block, warps, rows_apart(q, k, v))
+    o = q.new_empty(q.shape)
     _frames_fwd[grid](q, k, v, o, **args)
     return o
 
 
 def frame_attention_bwd(g, q, k, v, heads, block=_BLOCK, warps=4):
-    """(∂L/∂q, ∂L/∂k, ∂L/∂v) from g = ∂L/∂o, all (b, f, p, n·e) contiguous."""
-    grid, args = _grid(q, heads, block, warps)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """(∂L/∂q, ∂L/∂k, ∂L/∂v), each (b, f, p, n·e) contiguous, from g = ∂L/∂o (contiguous)."""
+    grid, args = _grid(q, heads, block, warps, rows_apart(q, k, v))
+    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
     _frames_bwd[grid](q, k, v, g, dq, dk, dv, **args)
     return dq, dk, dv

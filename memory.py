@@ -160,9 +160,13 @@ class GroupNorm(nn.GroupNorm):
     With `fused` (a fused.Kernels, set by UNet3D.fuse_) a channels-last x goes through the fused kernel."""
     fused = None
 
-    def forward(self, x):
-        y = None if self.fused is None else self.fused.group_norm(self, x)
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps) if y is None else y
+    def forward(self, x, keep=False):
+        """GroupNorm(x); with `keep` -> (x, GroupNorm(x)): x to read for a residual add (`fused.Kernels.layer_norm`)."""
+        y = None if self.fused is None else self.fused.group_norm(self, x, keep=keep)
+        if y is None:
+            y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return (x, y) if keep else y
+        return y
 
 
 # -----------------------------------------------------------------------------

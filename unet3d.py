@@ -110,16 +110,19 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def norm_silu(norm, x, cheap=False, add=None):
+def norm_silu(norm, x, cheap=False, add=None, keep=False):
     """SiLU(norm(x + add)), add (n, c) broadcast over h, w (or None). Under `cheap` (a pass with a graph) the
-    output is recomputed in the backward instead of kept; the fused kernel (fused.py) keeps only x by itself."""
-    y = None if norm.fused is None else norm.fused.group_norm(norm, x, silu=True, add=add)
+    output is recomputed in the backward instead of kept; the fused kernel (fused.py) keeps only x by itself.
+    With `keep` -> (x, y): x to read for the residual add (fused: its gradient joins the norm's backward kernel)."""
+    y = None if norm.fused is None else norm.fused.group_norm(norm, x, silu=True, add=add, keep=keep)
     if y is not None:
         return y
+    x0 = x
     if add is not None:
         x = x + add.view(*add.shape, *[1] * (x.dim() - 2))  # (n, c) -> (n, c, 1, ...)
     eager = lambda x: F.silu(group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))  # GroupNorm's own path
-    return recompute(eager, x, cheap)
+    y = recompute(eager, x, cheap)
+    return (x0, y) if keep else y
 
 
 class ResnetBlock2D(nn.Module):
@@ -137,7 +140,8 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb=None, cheap=False):
         k = self.norm2.fused  # fused kernels: conv1's bias joins GN2's add, conv2's (and the shortcut's) the residual
-        h = self.conv1(norm_silu(self.norm1, x, cheap), bias=k is None)
+        x, h = norm_silu(self.norm1, x, cheap, keep=True)  # x: the skip's input
+        h = self.conv1(h, bias=k is None)
         add = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # + time embedding, then GN2
         if k is not None:
             add = self.conv1.bias.expand(h.shape[0], -1) if add is None else add + self.conv1.bias  # (n, c)
@@ -165,9 +169,11 @@ class TemporalConvLayer(nn.Module):
 
     def forward(self, x, f, cheap=False):
         x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
-        h, k, bias = x, self.conv1[0].fused, None  # fused kernels: each conv's bias goes into the next op
-        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):  # GN, SiLU, [Dropout], Conv3d
-            h = norm_silu(stage[0], h, cheap, None if bias is None else bias.expand(h.shape[0], -1))  # stage[1]: SiLU
+        k, bias = self.conv1[0].fused, None  # fused kernels: each conv's bias goes into the next op
+        x, h = norm_silu(self.conv1[0], x, cheap, keep=True)  # x: the residual's input; stage[1] is SiLU
+        for i, stage in enumerate((self.conv1, self.conv2, self.conv3, self.conv4)):  # GN, SiLU, [Dropout], Conv3d
+            if i:
+                h = norm_silu(stage[0], h, cheap, None if bias is None else bias.expand(h.shape[0], -1))
             for m in stage[2:-1]:
                 h = m(h)
             h = stage[-1](h, bias=k is None)

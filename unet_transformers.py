@@ -20,6 +20,7 @@ Differences:
 
 Glossary: b (batch), f (frames), c (channels), h, w (latent height, width), d (inner width), l (77 text tokens).
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -43,17 +44,30 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or d, d, bias=False)
         self.to_v = nn.Linear(context_dim or d, d, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Dropout(0.0)])
+        self._joined = fused.Folded(lambda *ws: torch.cat(ws))  # fused: the projections' weights, concatenated
 
     def forward(self, x, context=None, store=None):
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out[0](self.core(x, context, store))
+
+    def projections(self, x, context=None):
+        """q, k, v. Fused: a self-attention's three products as one, with the weights concatenated (q, k, v are
+        then views, rows 3·d apart, which SDPA and the frame kernels read in place); a cross-attention's k, v too."""
+        if self.fused is None:
+            context = x if context is None else context
+            return self.to_q(x), self.to_k(context), self.to_v(context)
+        d = self.to_q.out_features
+        if context is None:
+            return F.linear(x, self._joined(self.to_q.weight, self.to_k.weight, self.to_v.weight)).split(d, dim=-1)
+        return (self.to_q(x), *F.linear(context, self._joined(self.to_k.weight, self.to_v.weight)).split(d, dim=-1))
+
+    def core(self, x, context=None, store=None):
+        """The attention before `to_out`: the heads' outputs (..., d)."""
+        q, k, v = self.projections(x, context)
         if x.ndim == 3:
-            out = attend(q, k, v, self.heads, store, self.path)
-        elif store is not None and store.wants(self.path):  # a temporal map to capture: the folded reference
-            out = fused.frame_attention(q, k, v, self.heads, store, self.path)
-        else:
-            out = self.fused.frame_attention(q, k, v, self.heads)
-        return self.to_out[0](out)
+            return attend(q, k, v, self.heads, store, self.path)
+        if store is not None and store.wants(self.path):  # a temporal map to capture: the folded reference
+            return fused.frame_attention(q, k, v, self.heads, store, self.path)
+        return self.fused.frame_attention(q, k, v, self.heads)
 
 
 class GEGLU(nn.Module):
@@ -78,13 +92,23 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d)])
 
     def forward(self, x, cheap=False):
-        return self.net[2](self.net[1](self.net[0](x, cheap)))
+        return self.net[2](self.hidden(x, cheap))
+
+    def hidden(self, x, cheap=False):
+        """The gated hidden layer (..., 4d), before `net.2`."""
+        return self.net[1](self.net[0](x, cheap))
 
 
 class BasicTransformerBlock(nn.Module):
     """x += attn1(LN1 x); x += attn2(LN2 x, context); x += FF(LN3 x) (§4.9).
 
     Temporal blocks (context_dim None) use attn2 as a second self-attention (double_self_attention).
+
+    Fused (the LayerNorms' `fused` set, UNet3D.fuse_): each residual add runs inside its matrix product
+    (`fused.add_linear`: x + a·Wᵀ, cuBLAS's C + A·B), without the output biases of attn1, attn2 and ff.net.2; the
+    next LayerNorm adds the biases before it, and the block returns x less all three, which the transformer's
+    proj_out folds into its bias (`out_bias`). In a backward each residual's gradient joins the LayerNorm's
+    backward kernel (`keep`). Same values (tests/test_fused.py).
     """
 
     def __init__(self, d, heads, context_dim=None):
@@ -95,11 +119,44 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(d, heads, context_dim)
         self.norm3 = fused.LayerNorm(d)
         self.ff = FeedForward(d)
+        self._carried = fused.Folded(_running_sums)  # (3, d) fp32: b1, b1 + b2, b1 + b2 + b3
+        self._out_bias = fused.Folded(_folded_bias)
 
     def forward(self, x, context=None, store=None, cheap=False):
-        x = x + self.attn1(self.norm1(x), store=store)
-        x = x + self.attn2(self.norm2(x), context, store=store)
-        return x + self.ff(self.norm3(x), cheap)
+        if self.norm1.fused is None:
+            x = x + self.attn1(self.norm1(x), store=store)
+            x = x + self.attn2(self.norm2(x), context, store=store)
+            return x + self.ff(self.norm3(x), cheap)
+        b1, b12, _ = self._carried(*self._biases())
+        x, h = self.norm1(x, keep=True)
+        x = fused.add_linear(x, self.attn1.core(h, store=store), self.attn1.to_out[0])
+        x, h = self.norm2(x, b1, keep=True)
+        x = fused.add_linear(x, self.attn2.core(h, context, store), self.attn2.to_out[0])
+        x, h = self.norm3(x, b12, keep=True)
+        return fused.add_linear(x, self.ff.hidden(h, cheap), self.ff.net[2])
+
+    def _biases(self):
+        return self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, self.ff.net[2].bias
+
+    def out_bias(self, proj_out):
+        """proj_out's bias for the fused block's output (x less the three output biases B): b + W·B."""
+        return self._out_bias(proj_out.weight, proj_out.bias, *self._biases())
+
+    def project_out(self, proj_out, t):
+        """proj_out(t) of this block's output t: with the carried biases folded in where fused."""
+        if self.norm1.fused is None:
+            return proj_out(t)
+        return F.linear(t, proj_out.weight, self.out_bias(proj_out))
+
+
+def _running_sums(b1, b2, b3):
+    f = torch.promote_types(b1.dtype, torch.float32)
+    return torch.stack([b1.to(f), b2.to(f), b3.to(f)]).cumsum(0)  # (3, d): b1, b1 + b2, b1 + b2 + b3
+
+
+def _folded_bias(weight, bias, b1, b2, b3):
+    f = torch.promote_types(weight.dtype, torch.float32)
+    return torch.addmv(bias.to(f), weight.to(f), _running_sums(b1, b2, b3)[2]).to(weight.dtype)
 
 
 class Transformer2DModel(nn.Module):
@@ -114,9 +171,11 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x, context, store=None, cheap=False):
         bf, c, h, w = x.shape
-        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
-        t = self.transformer_blocks[0](self.proj_in(t), context, store, cheap)
-        t = self.proj_out(t).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
+        x, t = self.norm(x, keep=True)  # x: the residual's input
+        t = t.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
+        block = self.transformer_blocks[0]
+        t = block.project_out(self.proj_out, block(self.proj_in(t), context, store, cheap))
+        t = t.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
         return x + t
 
 
@@ -141,14 +200,15 @@ class TransformerTemporalModel(nn.Module):
         bf, c, h, w = x.shape
         b, heads = bf // f, self.transformer_blocks[0].attn1.heads
         in_place = self.fused is not None and self.fused.in_place_frames(f, self.proj_in.out_features // heads)
-        t = self.norm(batch_to_frames(x, f))  # 5-D GroupNorm: statistics over all frames
+        x, t = self.norm(batch_to_frames(x, f), keep=True)  # 5-D GroupNorm: statistics over all frames
         if in_place:  # the attention reads the frames in place
             t = t.permute(0, 2, 3, 4, 1).reshape(b, f, h * w, c)  # b c f h w -> b f (h w) c, a view
         else:
             t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
-        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store, cheap=cheap))
+        block = self.transformer_blocks[0]
+        t = block.project_out(self.proj_out, block(self.proj_in(t), store=store, cheap=cheap))
         if in_place:
             t = t.view(b, f, h, w, c).permute(0, 4, 1, 2, 3)  # b f (h w) c -> b c f h w, a view
         else:
             t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
-        return frames_to_batch(batch_to_frames(x, f) + t)  # the add reads t in x's order (folded: the copy out)
+        return frames_to_batch(x + t)  # the add reads t in x's order (folded: the copy out)

@@ -127,6 +127,9 @@ def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, 
     assert rel(y, y_ref) <= 1e-6 and rel(mean, mean_ref.flatten(1)) <= 1e-6 and rel(rstd, rstd_ref.flatten(1)) <= 1e-6
     dx = kernels.group_norm_bwd(g, x, w, b, a, mean, rstd, groups, silu)
     assert rel(dx, fused.norm_backward(g, x, w, b, a, mean_ref, rstd_ref, groups, silu)) <= 1e-6
+    r = torch.randn(n, s, c, generator=gen).to(device)  # + the gradient of a residual path that read x
+    dx = kernels.group_norm_bwd(g, x, w, b, a, mean, rstd, groups, silu, r)
+    assert rel(dx, fused.norm_backward(g, x, w, b, a, mean_ref, rstd_ref, groups, silu) + r) <= 1e-6
 
 
 def test_triton_backend_gives_cpu_tensors_the_reference_math(triton_kernels):
@@ -167,6 +170,12 @@ def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, 
     assert rel(kernels.geglu_fwd(h), fused.geglu_forward(h)) <= 1e-6
     assert rel(kernels.geglu_bwd(gh, h), fused.geglu_backward(gh, h)) <= 1e-6
     assert rel(kernels.add_bias(x, g, w), fused.add_forward(x, g, w)) <= 1e-6
+    add, r = torch.randn(c, generator=gen).to(device), torch.randn(1, rows, c, generator=gen).to(device)
+    y, mean, rstd = kernels.layer_norm_fwd(x, w, b, 1e-5, add)  # LayerNorm(x + add), add (c,) over every row
+    y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, add.view(1, 1, c), 0, 1e-5, False)
+    assert rel(y, y_ref) <= 1e-6 and rel(y_ref, fused.norm_forward(x + add, w, b, None, 0, 1e-5, False)[0]) <= 1e-6
+    dx_ref = fused.norm_backward(g, x, w, b, add.view(1, 1, c), mean_ref, rstd_ref, 0, False) + r
+    assert rel(kernels.layer_norm_bwd(g, x, w, b, mean, rstd, add, r), dx_ref) <= 1e-6  # + a residual's gradient
 
 
 @pytest.mark.parametrize("b,f,p,heads,e,block", [
@@ -190,6 +199,13 @@ def test_frame_attention_kernels_equal_the_reference(triton_kernels, b, f, p, he
     assert rel(frames.frame_attention_fwd(q, k, v, heads, block), ref.detach()) <= 1e-5
     for d, d_ref in zip(frames.frame_attention_bwd(g, q, k, v, heads, block), grads_ref):
         assert rel(d, d_ref) <= 1e-5
+    joined = torch.cat([q, k, v], dim=-1)  # views of one qkv product, rows 3·D apart: read in place
+    views = joined.split(heads * e, dim=-1)
+    assert frames.rows_apart(*views) == 3 * heads * e and frames.rows_apart(q, k, v) == heads * e
+    assert rel(frames.frame_attention_fwd(*views, heads, block), ref.detach()) <= 1e-5
+    for d, d_ref in zip(frames.frame_attention_bwd(g, *views, heads, block), grads_ref):
+        assert rel(d, d_ref) <= 1e-5
+    assert frames.rows_apart(q, k.transpose(1, 2).contiguous().transpose(1, 2), v) is None  # another layout
     assert not frames.supports(65, 64) and not frames.supports(24, 40) and not frames.supports(24, 8)
 
 
@@ -203,6 +219,37 @@ def test_temporal_attention_folds_the_frames_for_a_wanted_map():
     store = A.AttentionStore(paths=("temporal",))
     out = attn(x, store=store)
     assert rel(out, attn(x)) <= 1e-6 and store.maps["temporal"].shape == (2 * 6, 2, 5, 5)
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_fused_block_carries_the_output_biases(temporal):
+    """A BasicTransformerBlock with fused LayerNorms (residual adds inside the products, the output biases carried
+    into the next LayerNorm and proj_out's bias) equals the eager block, values and input gradient (float64), and
+    follows a weight change (the folded biases are recomputed)."""
+    from unet_transformers import BasicTransformerBlock
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, None if temporal else 16).double().requires_grad_(False)
+    proj_out = torch.nn.Linear(32, 24).double().requires_grad_(False)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 6, 32, dtype=torch.float64) if temporal else torch.randn(2, 7, 32, dtype=torch.float64)
+    ctx = None if temporal else torch.randn(2, 4, 16, dtype=torch.float64)
+    if temporal:
+        for m in (block.attn1, block.attn2):
+            m.fused = fused.Kernels("torch")
+
+    def run(kernels):
+        for m in (block.norm1, block.norm2, block.norm3):
+            m.fused = kernels
+        return value_and_grad(lambda z: block.project_out(proj_out, block(z, ctx)), x)
+
+    (y0, g0), (y1, g1) = run(None), run(fused.Kernels("torch"))
+    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12
+    with torch.no_grad():  # a weight load: in-place copies into the biases the fused block carries
+        block.attn2.to_out[0].bias.copy_(torch.randn(32))
+        block.ff.net[2].bias.mul_(-2)
+    (y0, g0), (y1, g1) = run(None), run(fused.Kernels("torch"))
+    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12
 
 
 # -----------------------------------------------------------------------------
