@@ -161,7 +161,7 @@ class GroupNorm(nn.GroupNorm):
     fused = None
 
     def forward(self, x, keep=False):
-        """GroupNorm(x); with `keep` -> (x, GroupNorm(x)): x to read for a residual add (`fused.Kernels.layer_norm`)."""
+        """GroupNorm(x); with `keep` -> (x, GroupNorm(x)): x to read for a residual add (`fused.Kernels.group_norm`)."""
         y = None if self.fused is None else self.fused.group_norm(self, x, keep=keep)
         if y is None:
             y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

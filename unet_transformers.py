@@ -107,7 +107,7 @@ class BasicTransformerBlock(nn.Module):
     Fused (the LayerNorms' `fused` set, UNet3D.fuse_): each residual add runs inside its matrix product
     (`fused.add_linear`: x + a·Wᵀ, cuBLAS's C + A·B), without the output biases of attn1, attn2 and ff.net.2; the
     next LayerNorm adds the biases before it, and the block returns x less all three, which the transformer's
-    proj_out folds into its bias (`out_bias`). In a backward each residual's gradient joins the LayerNorm's
+    proj_out folds into its bias (`project_out`). In a backward each residual's gradient joins the LayerNorm's
     backward kernel (`keep`). Same values (tests/test_fused.py).
     """
 
@@ -138,15 +138,13 @@ class BasicTransformerBlock(nn.Module):
     def _biases(self):
         return self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, self.ff.net[2].bias
 
-    def out_bias(self, proj_out):
-        """proj_out's bias for the fused block's output (x less the three output biases B): b + W·B."""
-        return self._out_bias(proj_out.weight, proj_out.bias, *self._biases())
-
     def project_out(self, proj_out, t):
-        """proj_out(t) of this block's output t: with the carried biases folded in where fused."""
+        """proj_out(t) of this block's output t; fused, t lacks the three output biases B, so proj_out's bias
+        becomes b + W·B."""
         if self.norm1.fused is None:
             return proj_out(t)
-        return F.linear(t, proj_out.weight, self.out_bias(proj_out))
+        carried = self._carried(*self._biases())[2]  # a view: its version is the Folded value's
+        return F.linear(t, proj_out.weight, self._out_bias(proj_out.weight, proj_out.bias, carried))
 
 
 def _running_sums(b1, b2, b3):
@@ -154,9 +152,9 @@ def _running_sums(b1, b2, b3):
     return torch.stack([b1.to(f), b2.to(f), b3.to(f)]).cumsum(0)  # (3, d): b1, b1 + b2, b1 + b2 + b3
 
 
-def _folded_bias(weight, bias, b1, b2, b3):
+def _folded_bias(weight, bias, carried):
     f = torch.promote_types(weight.dtype, torch.float32)
-    return torch.addmv(bias.to(f), weight.to(f), _running_sums(b1, b2, b3)[2]).to(weight.dtype)
+    return torch.addmv(bias.to(f), weight.to(f), carried.to(f)).to(weight.dtype)
 
 
 class Transformer2DModel(nn.Module):

@@ -59,8 +59,8 @@ def main(argv=None):
         wt = (torch.randn(c, c, 3, 1, 1, device=dev, dtype=dt) * c ** -0.5)
         w3 = wt.to(memory_format=torch.channels_last_3d)
         w2 = wt.view(c, c, 3, 1).to(memory_format=torch.channels_last)
-        as4 = lambda t: t.view(2, c, f, h * w) if t.is_contiguous() else t.permute(0, 2, 3, 4, 1).reshape(  # noqa: E731
-            2, f, h * w, c).permute(0, 3, 1, 2)  # b c f h w (memory b f h w c) -> b c f (h w), channels-last: a view
+        as4 = lambda t: t.permute(0, 2, 3, 4, 1).reshape(2, f, h * w, c).permute(0, 3, 1, 2)  # noqa: E731
+        # b c f h w (memory b f h w c) -> b c f (h w), channels-last: a view
         c3 = lambda t: F.conv3d(t, w3, padding=(1, 0, 0))  # noqa: E731
         c2 = lambda t: F.conv2d(as4(t), w2, padding=(1, 0))  # noqa: E731
         with torch.no_grad():
