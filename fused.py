@@ -157,11 +157,16 @@ def _layer_norm_backward(g, x, weight, bias, mean, rstd, add=None, residual=None
     return _with_residual(gx, residual)
 
 
-def add_linear(x, a, linear):
+def add_linear(x, a, linear, in_place=False):
     """x + a·Wᵀ for `linear` (nn.Linear, its bias left out: the caller carries it), in one matrix product
-    (cuBLAS's C + A·B epilogue) instead of the product and an add: x (..., d), a (..., k) -> (..., d)."""
+    (cuBLAS's C + A·B epilogue) instead of the product and an add: x (..., d), a (..., k) -> (..., d).
+    With `in_place` and no graph being built (the CFG step), written into x: an out-of-place addmm first copies x
+    to its output (a device-to-device copy of the whole activation; results/perf-notes.md, seventh session)."""
     d = linear.out_features
-    return torch.addmm(x.reshape(-1, d), a.reshape(-1, a.shape[-1]), linear.weight.t()).view(x.shape)
+    x2, a2 = x.reshape(-1, d), a.reshape(-1, a.shape[-1])  # ... d -> (...) d, a view of a contiguous x
+    if in_place and x.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)):
+        return x2.addmm_(a2, linear.weight.t()).view(x.shape)
+    return torch.addmm(x2, a2, linear.weight.t()).view(x.shape)
 
 
 class Folded:

@@ -28,6 +28,7 @@ _TILE = 8192  # elements per program-tile in the LayerNorm kernels
 _FLAT = 2048  # elements per program in the elementwise kernels
 _BLOCK_S, _BLOCK_C = 64, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
 _PROGRAMS = 2048  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
+_STATS_WARPS = 4  # warps per GroupNorm statistics program
 _MERGE = 2048  # partials per tile in the merge kernels
 
 
@@ -46,9 +47,19 @@ def _silu_grad(g, z):
 
 
 @triton.jit
-def _flat(total, SC, C, BLOCK: tl.constexpr):
+def _offsets(BLOCK: tl.constexpr, I64: tl.constexpr):
+    """This program's BLOCK flat indices: int32 where every offset of the tensors fits (`_wide`: the index math,
+    a division and a remainder per element in the GroupNorm's kernels, is then cheaper), else int64."""
+    pid = tl.program_id(0)
+    if I64:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _flat(total, SC, C, BLOCK: tl.constexpr, I64: tl.constexpr):
     """This program's BLOCK flat indices o into an (n, s, c) tensor, their mask, and their per-(n, c) index."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    o = _offsets(BLOCK, I64)
     return o, o < total, (o // SC) * C + o % C
 
 
@@ -112,14 +123,15 @@ def _partials(ptr, n, kk, K, C, ch, cm):
 
 @triton.jit
 def _group_affine(mean_k_ptr, m2_k_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, S, C, CG,
-                  K, ROWS, eps, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                  K, ROWS, AN, eps, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """Program (n, g): merge the K chunks (each ROWS rows) of group g's CG channels exactly (Chan) -> its mean and
     rstd, and per channel the scale and shift with z = x·scale + shift = w·((x + add) − mean)·rstd + b."""
     n, g = tl.program_id(0), tl.program_id(1)
     ch, cm = _group_channels(g, CG, CG_PAD)
     a = tl.zeros([CG_PAD], dtype=tl.float32)
     if HAS_ADD:  # the add shifts each channel's mean
-        a += tl.load(add_ptr + n * C + ch, mask=cm, other=0.0).to(tl.float32)
+        a += tl.load(add_ptr + n * AN + ch, mask=cm, other=0.0).to(tl.float32)
     total = (S * CG).to(tl.float32)
     acc = tl.zeros([CG_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -146,14 +158,14 @@ def _group_affine(mean_k_ptr, m2_k_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_pt
 
 
 @triton.jit
-def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, C, CG, G: tl.constexpr,
+def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, AN, CG, G: tl.constexpr,
                      HAS_ADD: tl.constexpr):
     """`_backward_vectors` for the channels cols of sample n, as (1, BLOCK_C) rows: r, q, scale, shift, w."""
     grp = n * G + cols // CG
     r = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
     q = -tl.load(mean_ptr + grp, mask=cm, other=0.0) * r
     if HAS_ADD:
-        q += tl.load(add_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32) * r
+        q += tl.load(add_ptr + n * AN + cols, mask=cm, other=0.0).to(tl.float32) * r
     w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     shift = q * w + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     return r[None, :], q[None, :], (r * w)[None, :], shift[None, :], w[None, :]
@@ -161,13 +173,13 @@ def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, C, 
 
 @triton.jit
 def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1_ptr, s2_ptr, S, C, CG, K, ITERS,
-                     HAS_ADD: tl.constexpr, SILU: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr,
+                     AN, HAS_ADD: tl.constexpr, SILU: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_C: tl.constexpr):
     """Program (n, k, cb), the tiles of `_chunk_stats`: per channel Σ ĝ and Σ ĝ·x̂ over the chunk, ĝ = w·∂L/∂z
     (summed per lane in the loop, over the lanes at the end)."""
     n, k = tl.program_id(0), tl.program_id(1)
     cols, cm, base, r0 = _lanes(x_ptr, n, k, S, C, ITERS, BLOCK_S, BLOCK_C)
-    r, q, scale, shift, w = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, C, CG, G,
+    r, q, scale, shift, w = _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, AN, CG, G,
                                              HAS_ADD)
     gbase = g_ptr + n.to(tl.int64) * S * C
     s1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -187,7 +199,7 @@ def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1
 
 @triton.jit
 def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, c3_ptr,
-                       c4_ptr, S, C, CG, K, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
+                       c4_ptr, S, C, CG, K, AN, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """Program (n, g): m1 = mean(ĝ), m2 = mean(ĝ·x̂) over group g; per channel, ∂L/∂x = r·(ĝ − m1 − x̂·m2)
     = ∂L/∂z·scale + x·c3 + c4 (x̂ = x·r + q, z = x·scale + shift)."""
@@ -204,7 +216,7 @@ def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr
     r = tl.load(rstd_ptr + n * G + g)
     q = -tl.load(mean_ptr + n * G + g) * r + tl.zeros([CG_PAD], dtype=tl.float32)
     if HAS_ADD:
-        q += tl.load(add_ptr + n * C + ch, mask=cm, other=0.0).to(tl.float32) * r
+        q += tl.load(add_ptr + n * AN + ch, mask=cm, other=0.0).to(tl.float32) * r
     w = tl.load(w_ptr + ch, mask=cm, other=0.0).to(tl.float32)
     out = n * C + ch
     tl.store(scale_ptr + out, r * w, mask=cm)
@@ -214,9 +226,10 @@ def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr
 
 
 @triton.jit
-def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.constexpr, BLOCK: tl.constexpr,
+                 I64: tl.constexpr):
     """y = [SiLU](x·scale + shift), scale and shift per (n, c)."""
-    o, m, vec = _flat(total, SC, C, BLOCK)
+    o, m, vec = _flat(total, SC, C, BLOCK, I64)
     z = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32) * tl.load(scale_ptr + vec, mask=m, other=0.0) \
         + tl.load(shift_ptr + vec, mask=m, other=0.0)
     if SILU:
@@ -226,10 +239,10 @@ def _scale_shift(x_ptr, y_ptr, scale_ptr, shift_ptr, total, SC, C, SILU: tl.cons
 
 @triton.jit
 def _norm_grad(x_ptr, g_ptr, r_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr, total, SC, C, SILU: tl.constexpr,
-               HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+               HAS_R: tl.constexpr, BLOCK: tl.constexpr, I64: tl.constexpr):
     """∂L/∂x = ∂L/∂z·scale + x·c3 + c4 (the GroupNorm input gradient, rearranged per (n, c)) [+ r, the gradient
     of a residual path that also reads x]."""
-    o, m, vec = _flat(total, SC, C, BLOCK)
+    o, m, vec = _flat(total, SC, C, BLOCK, I64)
     x = tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32)
     gz = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + vec, mask=m, other=0.0)
@@ -242,9 +255,9 @@ def _norm_grad(x_ptr, g_ptr, r_ptr, dx_ptr, scale_ptr, shift_ptr, c3_ptr, c4_ptr
 
 
 @triton.jit
-def _add_bias(a_ptr, b_ptr, bias_ptr, y_ptr, total, C, BLOCK: tl.constexpr):
+def _add_bias(a_ptr, b_ptr, bias_ptr, y_ptr, total, C, BLOCK: tl.constexpr, I64: tl.constexpr):
     """y = a + b + bias, bias per channel (the convolution bias folded into a residual add)."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    o = _offsets(BLOCK, I64)
     m = o < total
     y = tl.load(a_ptr + o, mask=m, other=0.0).to(tl.float32) + tl.load(b_ptr + o, mask=m, other=0.0).to(tl.float32) \
         + tl.load(bias_ptr + o % C, mask=m, other=0.0).to(tl.float32)
@@ -294,9 +307,9 @@ def _layer_norm_bwd(x_ptr, add_ptr, g_ptr, r_ptr, dx_ptr, w_ptr, mean_ptr, rstd_
 
 
 @triton.jit
-def _geglu_halves(h_ptr, total, I, BLOCK: tl.constexpr):
+def _geglu_halves(h_ptr, total, I, BLOCK: tl.constexpr, I64: tl.constexpr):
     """This program's BLOCK flat (R, I) indices o, their mask, h's value-half index, and the value and gate."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    o = _offsets(BLOCK, I64)
     m = o < total
     src = (o // I) * 2 * I + o % I  # (R, I) index -> the value half of row r of h (R, 2I)
     value = tl.load(h_ptr + src, mask=m, other=0.0).to(tl.float32)
@@ -304,15 +317,15 @@ def _geglu_halves(h_ptr, total, I, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _geglu_fwd(h_ptr, y_ptr, total, I, BLOCK: tl.constexpr):
-    o, m, _, value, gate = _geglu_halves(h_ptr, total, I, BLOCK)
+def _geglu_fwd(h_ptr, y_ptr, total, I, BLOCK: tl.constexpr, I64: tl.constexpr):
+    o, m, _, value, gate = _geglu_halves(h_ptr, total, I, BLOCK, I64)
     y = value * 0.5 * gate * (1 + tl.erf(gate * 0.7071067811865476))
     tl.store(y_ptr + o, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr):
-    o, m, src, value, gate = _geglu_halves(h_ptr, total, I, BLOCK)
+def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr, I64: tl.constexpr):
+    o, m, src, value, gate = _geglu_halves(h_ptr, total, I, BLOCK, I64)
     g = tl.load(g_ptr + o, mask=m, other=0.0).to(tl.float32)
     cdf = 0.5 * (1 + tl.erf(gate * 0.7071067811865476))
     pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327  # 1/√(2π)
@@ -322,6 +335,11 @@ def _geglu_bwd(h_ptr, g_ptr, dh_ptr, total, I, BLOCK: tl.constexpr):
 
 # -----------------------------------------------------------------------------
 # launchers: the same signatures and results as fused.norm_forward / norm_backward / geglu_forward / geglu_backward
+
+def _wide(t):
+    """True where a flat kernel over t needs int64 offsets (t, and its program-padded end, past 2³¹ − 1)."""
+    return t.numel() + _FLAT >= 2 ** 31
+
 
 def _chunks(n, s, c, groups):
     """(BLOCK_C, BLOCK_S, ITERS, K, CG_PAD, BLOCK_K): the statistics kernels' grid is (n, K, c / BLOCK_C), each
@@ -335,6 +353,16 @@ def _chunks(n, s, c, groups):
     return block_c, _BLOCK_S, iters, k, cg_pad, max(1, min(triton.next_power_of_2(k), _MERGE // cg_pad))
 
 
+def _per_sample(add, x):
+    """add (n, 1, c) or None -> (its (n, c) view with unit channel stride, the stride between samples: 0 for a
+    bias expanded over the samples, which is then not copied), or (x, 0): an unused pointer (HAS_ADD False)."""
+    if add is None:
+        return x, 0
+    a = add.reshape(add.shape[0], add.shape[-1])  # n 1 c -> n c, a view (also of an expanded bias)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    return a, a.stride(0)
+
+
 def group_norm_fwd(x, weight, bias, add, groups, eps, silu):
     """x (n, s, c) contiguous, add (n, 1, c) or None -> (y, mean (n, G), rstd (n, G))."""
     n, s, c = x.shape
@@ -342,17 +370,17 @@ def group_norm_fwd(x, weight, bias, add, groups, eps, silu):
     f32 = dict(device=x.device, dtype=torch.float32)
     mean_k, m2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
     _chunk_stats[(n, k, triton.cdiv(c, block_c))](x, mean_k, m2_k, s, c, k, iters, BLOCK_S=block_s,
-                                                   BLOCK_C=block_c, num_warps=4)
-    add = x if add is None else add.reshape(n, c).contiguous()  # x: an unused pointer when HAS_ADD is False
+                                                   BLOCK_C=block_c, num_warps=_STATS_WARPS)
+    add, an = _per_sample(add, x)
     mean, rstd = torch.empty(n, groups, **f32), torch.empty(n, groups, **f32)
     scale, shift = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
     _group_affine[(n, groups)](mean_k, m2_k, weight, bias, add, mean, rstd, scale, shift, s, c, c // groups, k,
-                        iters * block_s, eps, HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k,
+                        iters * block_s, an, eps, HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k,
                         num_warps=4)
     y = torch.empty_like(x)
     total = x.numel()
     _scale_shift[(triton.cdiv(total, _FLAT),)](x, y, scale, shift, total, s * c, c, SILU=silu, BLOCK=_FLAT,
-                                               num_warps=4)
+                                               I64=_wide(x), num_warps=4)
     return y, mean, rstd
 
 
@@ -362,19 +390,19 @@ def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu, residual=N
     cg = c // groups
     block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
     f32 = dict(device=x.device, dtype=torch.float32)
-    add = x if add is None else add.reshape(n, c).contiguous()
+    add, an = _per_sample(add, x)
     s1_k, s2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
     _chunk_grad_sums[(n, k, triton.cdiv(c, block_c))](x, g, mean, rstd, weight, bias, add, s1_k, s2_k, s, c, cg, k,
-                                                       iters, HAS_ADD=add is not x, SILU=silu, G=groups,
+                                                       iters, an, HAS_ADD=add is not x, SILU=silu, G=groups,
                                                        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
     scale, shift, c3, c4 = (torch.empty(n, c, **f32) for _ in range(4))
-    _grad_coefficients[(n, groups)](s1_k, s2_k, mean, rstd, weight, bias, add, scale, shift, c3, c4, s, c, cg, k,
+    _grad_coefficients[(n, groups)](s1_k, s2_k, mean, rstd, weight, bias, add, scale, shift, c3, c4, s, c, cg, k, an,
                              HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k, num_warps=4)
     dx = torch.empty_like(x)
     total = x.numel()
     _norm_grad[(triton.cdiv(total, _FLAT),)](x, g, g if residual is None else residual, dx, scale, shift, c3, c4,
                                              total, s * c, c, SILU=silu, HAS_R=residual is not None, BLOCK=_FLAT,
-                                             num_warps=4)
+                                             I64=_wide(x), num_warps=4)
     return dx
 
 
@@ -413,7 +441,8 @@ def add_bias(a, b, bias):
     """a + b + bias for a, b (n, s, c) contiguous, bias (c,)."""
     y = torch.empty_like(a)
     total = a.numel()
-    _add_bias[(triton.cdiv(total, _FLAT),)](a, b, bias, y, total, a.shape[-1], BLOCK=_FLAT, num_warps=4)
+    _add_bias[(triton.cdiv(total, _FLAT),)](a, b, bias, y, total, a.shape[-1], BLOCK=_FLAT, I64=_wide(a),
+                                            num_warps=4)
     return y
 
 
@@ -422,7 +451,7 @@ def geglu_fwd(h):
     inner = h.shape[-1] // 2
     y = h.new_empty(*h.shape[:-1], inner)
     total = y.numel()
-    _geglu_fwd[(triton.cdiv(total, _FLAT),)](h, y, total, inner, BLOCK=_FLAT, num_warps=4)
+    _geglu_fwd[(triton.cdiv(total, _FLAT),)](h, y, total, inner, BLOCK=_FLAT, I64=_wide(h), num_warps=4)
     return y
 
 
@@ -430,5 +459,5 @@ def geglu_bwd(g, h):
     inner = h.shape[-1] // 2
     dh = torch.empty_like(h)
     total = g.numel()
-    _geglu_bwd[(triton.cdiv(total, _FLAT),)](h, g, dh, total, inner, BLOCK=_FLAT, num_warps=4)
+    _geglu_bwd[(triton.cdiv(total, _FLAT),)](h, g, dh, total, inner, BLOCK=_FLAT, I64=_wide(h), num_warps=4)
     return dh

@@ -125,6 +125,11 @@ def norm_silu(norm, x, cheap=False, add=None, keep=False):
     return (x0, y) if keep else y
 
 
+def _bias_sum(a, b):
+    f = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(f) + b.to(f)).to(a.dtype)  # rounded once
+
+
 class ResnetBlock2D(nn.Module):
     """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + shortcut (§4.5). Also the VAE's resnet (temb_channels=None)."""
 
@@ -137,14 +142,21 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(0.0)
         self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         self.conv_shortcut = Conv2d(c_in, c_out, 1) if c_in != c_out else None
+        self._temb_bias = fused.Folded(_bias_sum)  # fused: time_emb_proj's bias + conv1's
 
     def forward(self, x, temb=None, cheap=False):
+        """x (n, c_in, h, w), temb (n, temb_channels): SiLU of the time embedding (diffusers applies the SiLU in
+        every resnet; the UNet applies it once) or None."""
         k = self.norm2.fused  # fused kernels: conv1's bias joins GN2's add, conv2's (and the shortcut's) the residual
         x, h = norm_silu(self.norm1, x, cheap, keep=True)  # x: the skip's input
         h = self.conv1(h, bias=k is None)
-        add = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # + time embedding, then GN2
-        if k is not None:
-            add = self.conv1.bias.expand(h.shape[0], -1) if add is None else add + self.conv1.bias  # (n, c)
+        p = self.time_emb_proj  # + the time embedding's projection, then GN2
+        if k is None:
+            add = None if p is None else p(temb)
+        elif p is None:
+            add = self.conv1.bias.expand(h.shape[0], -1)  # (n, c), not copied
+        else:  # conv1's bias folded into the projection's
+            add = F.linear(temb, p.weight, self._temb_bias(p.bias, self.conv1.bias))
         h = self.conv2(self.dropout(norm_silu(self.norm2, h, cheap, add)), bias=k is None)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x, bias=k is None)
         if k is None:
@@ -341,7 +353,8 @@ class UNet3D(nn.Module):
             raise ValueError(f"UNet3D: {B} text rows for {b} latents (needs a multiple)")
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b).repeat(B // b)  # (B,)
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
-        temb = temb.repeat_interleave(f, dim=0)  # B d -> (B f) d; the shared prefix reads its first (b f) rows
+        temb = F.silu(temb).repeat_interleave(f, dim=0)  # every resnet's SiLU, once; B d -> (B f) d (the shared
+        # prefix reads its first (b f) rows)
         context = encoder_hidden_states.repeat_interleave(f, dim=0)  # B l d -> (B f) l d
         cl = memory_format(self.conv_in.weight) == torch.channels_last  # see channels_last_
         sample = sample.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)

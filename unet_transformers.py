@@ -122,18 +122,20 @@ class BasicTransformerBlock(nn.Module):
         self._carried = fused.Folded(_running_sums)  # (3, d) fp32: b1, b1 + b2, b1 + b2 + b3
         self._out_bias = fused.Folded(_folded_bias)
 
-    def forward(self, x, context=None, store=None, cheap=False):
+    def forward(self, x, context=None, store=None, cheap=False, own=False):
+        """x (..., d) -> (..., d). `own`: x may be overwritten (the transformer's fresh proj_in output): the fused
+        residual products then write into it where no graph is built (`fused.add_linear`)."""
         if self.norm1.fused is None:
             x = x + self.attn1(self.norm1(x), store=store)
             x = x + self.attn2(self.norm2(x), context, store=store)
             return x + self.ff(self.norm3(x), cheap)
         b1, b12, _ = self._carried(*self._biases())
         x, h = self.norm1(x, keep=True)
-        x = fused.add_linear(x, self.attn1.core(h, store=store), self.attn1.to_out[0])
-        x, h = self.norm2(x, b1, keep=True)
-        x = fused.add_linear(x, self.attn2.core(h, context, store), self.attn2.to_out[0])
+        x = fused.add_linear(x, self.attn1.core(h, store=store), self.attn1.to_out[0], in_place=own)
+        x, h = self.norm2(x, b1, keep=True)  # x: now the block's own
+        x = fused.add_linear(x, self.attn2.core(h, context, store), self.attn2.to_out[0], in_place=True)
         x, h = self.norm3(x, b12, keep=True)
-        return fused.add_linear(x, self.ff.hidden(h, cheap), self.ff.net[2])
+        return fused.add_linear(x, self.ff.hidden(h, cheap), self.ff.net[2], in_place=True)
 
     def _biases(self):
         return self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, self.ff.net[2].bias
@@ -172,7 +174,7 @@ class Transformer2DModel(nn.Module):
         x, t = self.norm(x, keep=True)  # x: the residual's input
         t = t.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
         block = self.transformer_blocks[0]
-        t = block.project_out(self.proj_out, block(self.proj_in(t), context, store, cheap))
+        t = block.project_out(self.proj_out, block(self.proj_in(t), context, store, cheap, own=True))
         t = t.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
         return x + t
 
@@ -204,7 +206,7 @@ class TransformerTemporalModel(nn.Module):
         else:
             t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
         block = self.transformer_blocks[0]
-        t = block.project_out(self.proj_out, block(self.proj_in(t), store=store, cheap=cheap))
+        t = block.project_out(self.proj_out, block(self.proj_in(t), store=store, cheap=cheap, own=True))
         if in_place:
             t = t.view(b, f, h, w, c).permute(0, 4, 1, 2, 3)  # b f (h w) c -> b c f h w, a view
         else:

@@ -109,7 +109,8 @@ def triton_kernels():
     (2, 37, 320, 32, True, True, 1024),   # 10 channels per group (5 channel blocks), one partial row block
     (1, 300, 64, 32, False, False, 1024),
     (3, 45, 96, 32, True, False, 1024),   # a full and a masked channel block
-    (2, 130, 64, 4, False, True, 2),      # several row blocks per program (Welford over the lanes)
+    (2, 130, 64, 4, False, "expanded", 2),  # several row blocks per program (Welford over the lanes); a bias
+    # expanded over the samples (stride 0, read in place: the temporal convolutions' add)
     (2, 300, 48, 16, True, True, 2),      # fewer channels than a block, 3 per group
     (2, 1300, 320, 32, True, True, 1024),  # 21 chunks, the last partial, merged 4 at a time (below)
 ])
@@ -120,7 +121,7 @@ def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, 
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(n, s, c, generator=gen) * 3 + 5).to(device)  # an offset mean: the variance must be stable
     w, b, g = torch.randn(c, generator=gen), torch.randn(c, generator=gen), torch.randn(n, s, c, generator=gen)
-    a = torch.randn(n, 1, c, generator=gen).to(device) if add else None
+    a = torch.randn(1 if add == "expanded" else n, 1, c, generator=gen).to(device).expand(n, 1, c) if add else None
     w, b, g = w.to(device), b.to(device), g.to(device)
     y, mean, rstd = kernels.group_norm_fwd(x, w, b, a, groups, 1e-5, silu)
     y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, a, groups, 1e-5, silu)
@@ -245,6 +246,12 @@ def test_fused_block_carries_the_output_biases(temporal):
 
     (y0, g0), (y1, g1) = run(None), run(fused.Kernels("torch"))
     assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12
+    with torch.no_grad():  # no graph: the residual products write in place, into x only where the block owns it
+        x0 = x.clone()
+        assert rel(block.project_out(proj_out, block(x, ctx)), y0) <= 1e-12 and torch.equal(x, x0)
+        owned = x.clone()
+        assert rel(block.project_out(proj_out, block(owned, ctx, own=True)), y0) <= 1e-12
+        assert not torch.equal(owned, x0)  # overwritten: no copy was made
     with torch.no_grad():  # a weight load: in-place copies into the biases the fused block carries
         block.attn2.to_out[0].bias.copy_(torch.randn(32))
         block.ff.net[2].bias.mul_(-2)

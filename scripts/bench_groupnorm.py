@@ -1,0 +1,116 @@
+"""The fused GroupNorm (kernels.group_norm_fwd: statistics, merge, apply) on every GroupNorm shape of the 576×320×24
+CFG step, against the memory bandwidth, for a sweep of its launch settings; and the flat kernels' int32 index.
+
+What to read: kernels.py, results/perf-notes.md (seventh session: what this measured, what was kept).
+
+Each case is replayed from a CUDA graph (20 calls, as the UNet runs it: no launch gaps of the CPU), median ms per
+call. Settings: kernels._BLOCK_S (rows per statistics tile), _PROGRAMS (about this many statistics programs: fewer
+row blocks per program, more chunks for the merge), _STATS_WARPS, _FLAT (elements per apply program). Printed:
+per shape its calls per CFG step, a copy's time (reads and writes x: the bandwidth bound is about a copy and a half),
+the current setting's time and the best one; then per setting the total over the CFG step's 166 calls.
+Then GEGLU's gate and the residual add at level 0 with int64 against int32 offsets (`kernels._wide`).
+
+Usage: python scripts/bench_groupnorm.py [--smoke]   (--smoke: Triton's interpreter on the CPU, two small shapes)
+"""
+import itertools
+import os
+import statistics
+import sys
+
+import torch
+import triton
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import kernels  # noqa: E402
+
+# (n, s, c): calls per CFG step at 576×320×24 (batch 2), counted on the meta device (every group_norm call)
+SHAPES = {(2, 69120, 320): 21, (2, 17280, 640): 25, (48, 2880, 320): 11, (2, 4320, 1280): 25, (48, 720, 640): 11,
+          (48, 2880, 640): 2, (48, 2880, 960): 1, (48, 180, 1280): 11, (1, 69120, 320): 5, (2, 1080, 1280): 29,
+          (48, 720, 1920): 1, (24, 2880, 320): 2, (48, 180, 2560): 2, (48, 720, 1280): 1, (48, 45, 1280): 12,
+          (48, 720, 960): 1, (48, 45, 2560): 3, (48, 180, 1920): 1, (48, 720, 320): 1, (48, 180, 640): 1}
+NOW = dict(_BLOCK_S=64, _PROGRAMS=2048, _STATS_WARPS=4, _FLAT=2048)
+SWEEP = [dict(_BLOCK_S=bs, _PROGRAMS=p, _STATS_WARPS=w, _FLAT=fl)
+         for bs, p, w, fl in itertools.product((32, 64), (2048, 8192, 32768), (4, 8), (2048, 4096))]
+
+
+def graph_ms(fn, calls=20, runs=10):
+    """Median ms per call of fn replayed `calls` times from one CUDA graph (wall clock on the CPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
+
+
+def with_settings(settings, fn):
+    old = {k: getattr(kernels, k) for k in settings}
+    for k, v in settings.items():
+        setattr(kernels, k, v)
+    try:
+        return fn()
+    finally:
+        for k, v in old.items():
+            setattr(kernels, k, v)
+
+
+def main():
+    smoke = "--smoke" in sys.argv
+    dev = "cpu" if smoke else "cuda"
+    shapes = {(2, 150, 64): 1, (1, 300, 96): 1} if smoke else SHAPES
+    sweep = SWEEP[:2] if smoke else SWEEP
+    if not smoke:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp16")
+    totals = [0.0] * len(sweep)
+    for (n, s, c), calls in shapes.items():
+        x = (torch.randn(n, s, c, device=dev) * 3 + 5).half()
+        wt, b = torch.rand(c, device=dev).half() + 0.5, torch.randn(c, device=dev).half()
+        y = torch.empty_like(x)
+        ref = kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)[0].float()
+        copy = graph_ms(lambda: y.copy_(x))
+        times = []
+        for i, st in enumerate(sweep):
+            out = with_settings(st, lambda: kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)[0])
+            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (st, err)
+            t = with_settings(st, lambda: graph_ms(lambda: kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)))
+            times.append(t)
+            totals[i] += calls * t
+        now = times[sweep.index(NOW)] if NOW in sweep else float("nan")
+        best = min(range(len(sweep)), key=lambda i: times[i])
+        print(f"{(n, s, c)} x{calls}: copy {copy:.3f} ms; now {now:.3f} ms; best {times[best]:.3f} ms "
+              f"{ {k[1:]: v for k, v in sweep[best].items()} }", flush=True)
+    print("\nper CFG step (166 calls), by setting:")
+    for i in sorted(range(len(sweep)), key=lambda i: totals[i]):
+        print(f"  {totals[i]:7.3f} ms  { {k[1:]: v for k, v in sweep[i].items()} }{'  (now)' if sweep[i] == NOW else ''}")
+    if smoke:
+        return
+    h = torch.randn(138240, 2560, device=dev).half()
+    a, bb, bias = torch.randn(2, 48, 2880, 320, device=dev).half(), None, torch.randn(320, device=dev).half()
+    a, bb = a[0], a[1]
+    print("\nlevel 0, int64 | int32 offsets:")
+    for name, fn in (("GEGLU gate (138240, 2560)", lambda: kernels.geglu_fwd(h)),
+                     ("residual add (48, 2880, 320)", lambda: kernels.add_bias(a, bb, bias))):
+        t64 = with_settings({"_wide": lambda t: True}, lambda: graph_ms(fn))
+        t32 = with_settings({"_wide": lambda t: False}, lambda: graph_ms(fn))
+        print(f"  {name:30s} {t64:.3f} | {t32:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
