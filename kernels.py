@@ -26,8 +26,8 @@ import triton.language as tl
 
 _TILE = 8192  # elements per program-tile in the LayerNorm kernels
 _FLAT = 2048  # elements per program in the elementwise kernels
-_BLOCK_S, _BLOCK_C = 64, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
-_PROGRAMS = 2048  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
+_BLOCK_S, _BLOCK_C = 32, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
+_PROGRAMS = 1024  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
 _STATS_WARPS = 4  # warps per GroupNorm statistics program
 _MERGE = 2048  # partials per tile in the merge kernels
 

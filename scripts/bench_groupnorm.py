@@ -31,9 +31,9 @@ SHAPES = {(2, 69120, 320): 21, (2, 17280, 640): 25, (48, 2880, 320): 11, (2, 432
           (48, 2880, 640): 2, (48, 2880, 960): 1, (48, 180, 1280): 11, (1, 69120, 320): 5, (2, 1080, 1280): 29,
           (48, 720, 1920): 1, (24, 2880, 320): 2, (48, 180, 2560): 2, (48, 720, 1280): 1, (48, 45, 1280): 12,
           (48, 720, 960): 1, (48, 45, 2560): 3, (48, 180, 1920): 1, (48, 720, 320): 1, (48, 180, 640): 1}
-NOW = dict(_BLOCK_S=64, _PROGRAMS=2048, _STATS_WARPS=4, _FLAT=2048)
-SWEEP = [dict(_BLOCK_S=bs, _PROGRAMS=p, _STATS_WARPS=w, _FLAT=fl)
-         for bs, p, w, fl in itertools.product((32, 64), (2048, 8192, 32768), (4, 8), (2048, 4096))]
+NOW = dict(_BLOCK_S=32, _PROGRAMS=1024, _STATS_WARPS=4, _FLAT=2048)
+SWEEP = [dict(_BLOCK_S=bs, _PROGRAMS=p, _STATS_WARPS=w, _FLAT=2048)
+         for bs, p, w in itertools.product((16, 32, 64), (1024, 2048, 4096), (2, 4, 8))]
 
 
 def graph_ms(fn, calls=20, runs=10):
