@@ -37,7 +37,7 @@ SWEEP = [dict(_BLOCK_S=bs, _PROGRAMS=p, _STATS_WARPS=w, _FLAT=2048)
 
 
 def graph_ms(fn, calls=20, runs=10):
-    """Median ms per call of fn replayed `calls` times from one CUDA graph (wall clock on the CPU)."""
+    """Median ms per call of fn replayed `calls` times from one CUDA graph (CUDA events around each replay)."""
     if not torch.cuda.is_available():
         fn()
         return float("nan")
