@@ -29,6 +29,7 @@ _FLAT = 2048  # elements per program in the elementwise kernels
 _BLOCK_S, _BLOCK_C = 32, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
 _PROGRAMS = 1024  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
 _STATS_WARPS = 4  # warps per GroupNorm statistics program
+_GRAD_BLOCK_S, _GRAD_PROGRAMS, _GRAD_WARPS = 16, 1024, 2  # the backward gradient sums (bench_groupnorm.py --backward)
 _MERGE = 2048  # partials per tile in the merge kernels
 
 
@@ -341,16 +342,16 @@ def _wide(t):
     return t.numel() + _FLAT >= 2 ** 31
 
 
-def _chunks(n, s, c, groups):
+def _chunks(n, s, c, groups, block_s, programs):
     """(BLOCK_C, BLOCK_S, ITERS, K, CG_PAD, BLOCK_K): the statistics kernels' grid is (n, K, c / BLOCK_C), each
-    program ITERS tiles of BLOCK_S rows × BLOCK_C channels, about _PROGRAMS programs; the merge kernels' grid is
+    program ITERS tiles of block_s rows × BLOCK_C channels, about `programs` programs; the merge kernels' grid is
     (n, G), each program reading its group's (n, K, CG) partials in (BLOCK_K, CG_PAD) tiles."""
     block_c = min(_BLOCK_C, triton.next_power_of_2(c))
-    blocks = triton.cdiv(s, _BLOCK_S)
-    iters = triton.cdiv(blocks, min(blocks, max(1, _PROGRAMS // (n * triton.cdiv(c, block_c)))))
+    blocks = triton.cdiv(s, block_s)
+    iters = triton.cdiv(blocks, min(blocks, max(1, programs // (n * triton.cdiv(c, block_c)))))
     k = triton.cdiv(blocks, iters)
     cg_pad = triton.next_power_of_2(c // groups)
-    return block_c, _BLOCK_S, iters, k, cg_pad, max(1, min(triton.next_power_of_2(k), _MERGE // cg_pad))
+    return block_c, block_s, iters, k, cg_pad, max(1, min(triton.next_power_of_2(k), _MERGE // cg_pad))
 
 
 def _per_sample(add, x):
@@ -366,7 +367,7 @@ def _per_sample(add, x):
 def group_norm_fwd(x, weight, bias, add, groups, eps, silu):
     """x (n, s, c) contiguous, add (n, 1, c) or None -> (y, mean (n, G), rstd (n, G))."""
     n, s, c = x.shape
-    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
+    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups, _BLOCK_S, _PROGRAMS)
     f32 = dict(device=x.device, dtype=torch.float32)
     mean_k, m2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
     _chunk_stats[(n, k, triton.cdiv(c, block_c))](x, mean_k, m2_k, s, c, k, iters, BLOCK_S=block_s,
@@ -388,13 +389,13 @@ def group_norm_bwd(g, x, weight, bias, add, mean, rstd, groups, silu, residual=N
     """∂L/∂x of group_norm_fwd from g = ∂L/∂y (n, s, c) contiguous, plus `residual` (n, s, c) where given."""
     n, s, c = x.shape
     cg = c // groups
-    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups)
+    block_c, block_s, iters, k, cg_pad, block_k = _chunks(n, s, c, groups, _GRAD_BLOCK_S, _GRAD_PROGRAMS)
     f32 = dict(device=x.device, dtype=torch.float32)
     add, an = _per_sample(add, x)
     s1_k, s2_k = torch.empty(n, k, c, **f32), torch.empty(n, k, c, **f32)
     _chunk_grad_sums[(n, k, triton.cdiv(c, block_c))](x, g, mean, rstd, weight, bias, add, s1_k, s2_k, s, c, cg, k,
                                                        iters, an, HAS_ADD=add is not x, SILU=silu, G=groups,
-                                                       BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
+                                                       BLOCK_S=block_s, BLOCK_C=block_c, num_warps=_GRAD_WARPS)
     scale, shift, c3, c4 = (torch.empty(n, c, **f32) for _ in range(4))
     _grad_coefficients[(n, groups)](s1_k, s2_k, mean, rstd, weight, bias, add, scale, shift, c3, c4, s, c, cg, k, an,
                              HAS_ADD=add is not x, G=groups, CG_PAD=cg_pad, BLOCK_K=block_k, num_warps=4)

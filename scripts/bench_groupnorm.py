@@ -9,8 +9,11 @@ row blocks per program, more chunks for the merge), _STATS_WARPS, _FLAT (element
 per shape its calls per CFG step, a copy's time (reads and writes x: the bandwidth bound is about a copy and a half),
 the current setting's time and the best one; then per setting the total over the CFG step's 166 calls.
 Then GEGLU's gate and the residual add at level 0 with int64 against int32 offsets (`kernels._wide`).
+--backward: kernels.group_norm_bwd instead, on the calls of one 576×320×24 guidance pass (recorded from the 1.7B
+UNet with random weights: shape, SiLU, add, residual), for a sweep of _GRAD_BLOCK_S, _GRAD_PROGRAMS, _GRAD_WARPS.
 
-Usage: python scripts/bench_groupnorm.py [--smoke]   (--smoke: Triton's interpreter on the CPU, two small shapes)
+Usage: python scripts/bench_groupnorm.py [--backward] [--smoke]   (--smoke: Triton's interpreter on the CPU, two
+small shapes)
 """
 import itertools
 import os
@@ -34,6 +37,10 @@ SHAPES = {(2, 69120, 320): 21, (2, 17280, 640): 25, (48, 2880, 320): 11, (2, 432
 NOW = dict(_BLOCK_S=32, _PROGRAMS=1024, _STATS_WARPS=4, _FLAT=2048)
 SWEEP = [dict(_BLOCK_S=bs, _PROGRAMS=p, _STATS_WARPS=w, _FLAT=2048)
          for bs, p, w in itertools.product((16, 32, 64), (1024, 2048, 4096), (2, 4, 8))]
+
+GRAD_NOW = dict(_GRAD_BLOCK_S=16, _GRAD_PROGRAMS=1024, _GRAD_WARPS=2)
+GRAD_SWEEP = [dict(_GRAD_BLOCK_S=bs, _GRAD_PROGRAMS=p, _GRAD_WARPS=w)
+              for bs, p, w in itertools.product((16, 32, 64), (512, 1024, 2048, 4096), (2, 4, 8))]
 
 
 def graph_ms(fn, calls=20, runs=10):
@@ -70,13 +77,68 @@ def with_settings(settings, fn):
             setattr(kernels, k, v)
 
 
+def pass_calls(f=24, h=320, w=576):
+    """{(n, s, c, silu, add, residual): calls} of group_norm_bwd in one guidance pass of the 1.7B UNet (fp16)."""
+    import attention
+    from unet3d import UNet3D, UNet3DConfig
+    with torch.device("cuda"):
+        unet = UNet3D(UNet3DConfig()).half().eval().requires_grad_(False)
+    unet.fuse_(True)
+    calls = {}
+    for k in {id(m.fused): m.fused for m in unet.modules() if getattr(m, "fused", None) is not None}.values():
+        def record(g, x, weight, bias, add, mean, rstd, groups, silu, residual=None, bwd=k.gn_bwd):
+            key = (*x.shape, silu, add is not None, residual is not None)
+            calls[key] = calls.get(key, 0) + 1
+            return bwd(g, x, weight, bias, add, mean, rstd, groups, silu, residual)
+        k.gn_bwd = record
+    x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half).requires_grad_(True)
+    ctx = torch.randn(1, 77, 1024, device="cuda", dtype=torch.half)
+    masks = {k: v.cuda() for k, v in attention.layer_masks([[[0.0, 0.5, 0.2, 0.7]] * f], (h // 8, w // 8)).items()}
+    store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=True)
+    unet(x, torch.tensor(999, device="cuda"), ctx, store=store)
+    torch.autograd.grad(attention.energy(store.maps, masks, [[1]], attention.GuidanceParams()), x)
+    return calls
+
+
+def backward(smoke):
+    """The backward sweep (--backward)."""
+    dev = "cpu" if smoke else "cuda"
+    calls = {(2, 150, 64, True, True, False): 1, (1, 300, 96, False, False, True): 1} if smoke else pass_calls()
+    sweep = GRAD_SWEEP[:2] if smoke else GRAD_SWEEP
+    totals = [0.0] * len(sweep)
+    for (n, s, c, silu, has_add, has_r), count in sorted(calls.items(), key=lambda kv: -kv[0][1] * kv[0][2] * kv[1]):
+        x, g = (torch.randn(n, s, c, device=dev) * 3 + 5).half(), torch.randn(n, s, c, device=dev).half()
+        wt, b = torch.rand(c, device=dev).half() + 0.5, torch.randn(c, device=dev).half()
+        a = torch.randn(n, 1, c, device=dev).half() if has_add else None
+        r = torch.randn(n, s, c, device=dev).half() if has_r else None
+        _, mean, rstd = kernels.group_norm_fwd(x, wt, b, a, 32, 1e-5, silu)
+        run = lambda: kernels.group_norm_bwd(g, x, wt, b, a, mean, rstd, 32, silu, r)  # noqa: E731
+        ref = run().float()
+        times = []
+        for i, st in enumerate(sweep):
+            err = ((with_settings(st, run).float() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (st, err)
+            times.append(with_settings(st, lambda: graph_ms(run)))
+            totals[i] += count * times[-1]
+        now = times[sweep.index(GRAD_NOW)] if GRAD_NOW in sweep else float("nan")
+        best = min(range(len(sweep)), key=lambda i: times[i])
+        print(f"{(n, s, c)} silu {silu:d} add {has_add:d} residual {has_r:d} x{count}: now {now:.3f} ms; best "
+              f"{times[best]:.3f} ms { {k[1:]: v for k, v in sweep[best].items()} }", flush=True)
+    print(f"\nper guidance pass ({sum(calls.values())} calls), by setting:")
+    for i in sorted(range(len(sweep)), key=lambda i: totals[i]):
+        print(f"  {totals[i]:7.3f} ms  { {k[1:]: v for k, v in sweep[i].items()} }"
+              f"{'  (now)' if sweep[i] == GRAD_NOW else ''}")
+
+
 def main():
     smoke = "--smoke" in sys.argv
+    if not smoke:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp16")
+    if "--backward" in sys.argv:
+        return backward(smoke)
     dev = "cpu" if smoke else "cuda"
     shapes = {(2, 150, 64): 1, (1, 300, 96): 1} if smoke else SHAPES
     sweep = SWEEP[:2] if smoke else SWEEP
-    if not smoke:
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, fp16")
     totals = [0.0] * len(sweep)
     for (n, s, c), calls in shapes.items():
         x = (torch.randn(n, s, c, device=dev) * 3 + 5).half()

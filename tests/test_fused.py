@@ -117,6 +117,7 @@ def triton_kernels():
 def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, s, c, groups, silu, add, programs):
     kernels, device = triton_kernels
     monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+    monkeypatch.setattr(kernels, "_GRAD_PROGRAMS", programs)  # the backward's grid: the same chunking cases
     monkeypatch.setattr(kernels, "_MERGE", 64)  # tiles of 4 chunks x 16 channels: the merge kernels loop
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(n, s, c, generator=gen) * 3 + 5).to(device)  # an offset mean: the variance must be stable
