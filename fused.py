@@ -256,19 +256,22 @@ class _Add(torch.autograd.Function):
 
 
 class _FrameAttention(torch.autograd.Function):
-    """o = frame_attention(q, k, v) through kernels_attention.py; keeps q, k, v (the backward recomputes P)."""
+    """o = frame_attention(q, k, v) through kernels_attention.py from one joined product qkv (b, f, p, 3·n·e),
+    q | k | v along the last dim; keeps qkv (the backward recomputes P) and gives ∂L/∂qkv packed, as the kernel
+    writes it (three gradients would be concatenated after, a copy per layer)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, heads, kernels):
-        if kernels.rows_apart(q, k, v) is None:  # else read in place (contiguous, or views of one qkv product)
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ctx.save_for_backward(q, k, v)
+    def forward(ctx, qkv, heads, kernels):
+        if kernels.rows_apart(*qkv.chunk(3, dim=-1)) is None:  # else read in place (rows 3·D apart)
+            qkv = qkv.contiguous()
+        ctx.save_for_backward(qkv)
         ctx.heads, ctx.kernels = heads, kernels
-        return kernels.frame_attention_fwd(q, k, v, heads)
+        return kernels.frame_attention_fwd(*qkv.chunk(3, dim=-1), heads)
 
     @staticmethod
     def backward(ctx, g):
-        return (*ctx.kernels.frame_attention_bwd(g.contiguous(), *ctx.saved_tensors, ctx.heads), None, None)
+        (qkv,) = ctx.saved_tensors
+        return ctx.kernels.frame_attention_bwd(g.contiguous(), *qkv.chunk(3, dim=-1), ctx.heads, packed=True), None, None
 
 
 class Kernels:
@@ -330,12 +333,14 @@ class Kernels:
         the Triton kernels apply to f frames and head width e, or the 'torch' math (the reference) runs."""
         return self.frames is None or self.frames.supports(f, e)
 
-    def frame_attention(self, q, k, v, heads):
-        """`frame_attention` (attention over f of q, k, v (b, f, p, n·e)); the Triton kernel where it applies."""
-        frames = self._for(q).frames
-        if frames is None or not frames.supports(q.shape[1], q.shape[-1] // heads):
-            return frame_attention(q, k, v, heads)
-        return _FrameAttention.apply(q, k, v, heads, frames)
+    def frame_attention(self, qkv, heads):
+        """`frame_attention` of a self-attention's joined product qkv (b, f, p, 3·n·e) (q | k | v: attention over f);
+        the Triton kernel where it applies."""
+        frames = self._for(qkv).frames
+        d = qkv.shape[-1] // 3
+        if frames is None or not frames.supports(qkv.shape[1], d // heads):
+            return frame_attention(*qkv.split(d, dim=-1), heads)
+        return _FrameAttention.apply(qkv, heads, frames)
 
     def add(self, a, b, bias):
         """a + b + bias (c,) for a, b (n, c, *s) of one shape; channels-last in one fused pass, else eagerly."""

@@ -59,21 +59,21 @@ def _frames_fwd(q_ptr, k_ptr, v_ptr, o_ptr, P, D, S, F, scale, PB: tl.constexpr,
 
 
 @triton.jit
-def _frames_bwd(q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, P, D, S, F, scale, PB: tl.constexpr,
+def _frames_bwd(q_ptr, k_ptr, v_ptr, g_ptr, dq_ptr, dk_ptr, dv_ptr, P, D, S, GS, F, scale, PB: tl.constexpr,
                 BLOCK: tl.constexpr, E: tl.constexpr):
     token, col, valid, pp = _tile(P, F, PB, BLOCK, E)
     m, offs_in = valid[:, None], token * S + col
     q = tl.load(q_ptr + offs_in, mask=m, other=0.0)
     k = tl.load(k_ptr + offs_in, mask=m, other=0.0)
     v = tl.load(v_ptr + offs_in, mask=m, other=0.0)
-    offs = token * D + col  # g and the gradients: (b, f, p, D) contiguous
-    g = tl.load(g_ptr + offs, mask=m, other=0.0)  # ∂L/∂o
+    g = tl.load(g_ptr + token * D + col, mask=m, other=0.0)  # ∂L/∂o, (b, f, p, D) contiguous
     p = _probs(q, k, pp, valid, scale)
     dv = tl.dot(tl.trans(p.to(g.dtype)), g, input_precision="ieee")
     dp = tl.dot(g, tl.trans(v), input_precision="ieee")
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None]) * scale  # ∂L/∂(q·kᵀ)
     dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    offs = token * GS + col  # the gradients' rows GS apart: D (three tensors) or 3·D (one packed d(q|k|v))
     tl.store(dq_ptr + offs, dq.to(dq_ptr.dtype.element_ty), mask=m)
     tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=m)
     tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=m)
@@ -112,9 +112,15 @@ def frame_attention_fwd(q, k, v, heads, block=_BLOCK, warps=4):
     return o
 
 
-def frame_attention_bwd(g, q, k, v, heads, block=_BLOCK, warps=4):
-    """(∂L/∂q, ∂L/∂k, ∂L/∂v), each (b, f, p, n·e) contiguous, from g = ∂L/∂o (contiguous)."""
+def frame_attention_bwd(g, q, k, v, heads, block=_BLOCK, warps=4, packed=False):
+    """(∂L/∂q, ∂L/∂k, ∂L/∂v), each (b, f, p, n·e) contiguous, from g = ∂L/∂o (contiguous). `packed`: one
+    (b, f, p, 3·n·e) tensor ∂L/∂(q|k|v) instead, the gradient of a joined qkv product (no concatenation after)."""
     grid, args = _grid(q, heads, block, warps, rows_apart(q, k, v))
+    d = q.shape[-1]
+    if packed:
+        dqkv = q.new_empty(*q.shape[:-1], 3 * d)
+        _frames_bwd[grid](q, k, v, g, *dqkv.split(d, dim=-1), GS=3 * d, **args)  # views: rows 3·D apart
+        return dqkv
     dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
-    _frames_bwd[grid](q, k, v, g, dq, dk, dv, **args)
+    _frames_bwd[grid](q, k, v, g, dq, dk, dv, GS=d, **args)
     return dq, dk, dv

@@ -57,17 +57,21 @@ class Attention(nn.Module):
             return self.to_q(x), self.to_k(context), self.to_v(context)
         d = self.to_q.out_features
         if context is None:
-            return F.linear(x, self._joined(self.to_q.weight, self.to_k.weight, self.to_v.weight)).split(d, dim=-1)
+            return self._qkv(x).split(d, dim=-1)
         return (self.to_q(x), *F.linear(context, self._joined(self.to_k.weight, self.to_v.weight)).split(d, dim=-1))
+
+    def _qkv(self, x):
+        """Fused self-attention: the one product q | k | v (..., 3·d)."""
+        return F.linear(x, self._joined(self.to_q.weight, self.to_k.weight, self.to_v.weight))
 
     def core(self, x, context=None, store=None):
         """The attention before `to_out`: the heads' outputs (..., d)."""
+        if x.ndim == 4 and not (store is not None and store.wants(self.path)):  # in-place temporal tokens
+            return self.fused.frame_attention(self._qkv(x), self.heads)  # (self-attention: context is None)
         q, k, v = self.projections(x, context)
         if x.ndim == 3:
             return attend(q, k, v, self.heads, store, self.path)
-        if store is not None and store.wants(self.path):  # a temporal map to capture: the folded reference
-            return fused.frame_attention(q, k, v, self.heads, store, self.path)
-        return self.fused.frame_attention(q, k, v, self.heads)
+        return fused.frame_attention(q, k, v, self.heads, store, self.path)  # a temporal map to capture: folded
 
 
 class GEGLU(nn.Module):

@@ -43,14 +43,13 @@ def levels(f, h, w):
 def tuned(block, warps):
     """kernels_attention's launchers at `block` rows per tile and `warps` warps (fused._FrameAttention's argument)."""
     return types.SimpleNamespace(
-        frame_attention_fwd=functools.partial(ka.frame_attention_fwd, block=block, warps=warps),
+        rows_apart=ka.rows_apart, frame_attention_fwd=functools.partial(ka.frame_attention_fwd, block=block, warps=warps),
         frame_attention_bwd=functools.partial(ka.frame_attention_bwd, block=block, warps=warps))
 
 
-def fwd_bwd(fn, q, k, v, g):
+def fwd_bwd(fn, qkv, g):
     def run():
-        qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = fn(*qkv)
+        out = fn(qkv.detach().requires_grad_(True))
         torch.autograd.backward(out, g)
     return run
 
@@ -69,20 +68,20 @@ def main(argv=None):
             gen = torch.Generator(device="cuda").manual_seed(0)
             rows = []
             for mode, b in (("fwd", 2), ("fwd+bwd", 1)):
-                q, k, v, g = (torch.randn(b, f, p, heads * 64, device="cuda", dtype=torch.float16, generator=gen)
-                              for _ in range(4))
+                # one joined product q | k | v, as the UNet's temporal self-attention makes it
+                qkv = torch.randn(b, f, p, 3 * heads * 64, device="cuda", dtype=torch.float16, generator=gen)
+                g = torch.randn(b, f, p, heads * 64, device="cuda", dtype=torch.float16, generator=gen)
                 flop = 4 * b * p * heads * f * f * 64 * (1 if mode == "fwd" else 2.5)
-                ref = fused.frame_attention(q, k, v, heads).float()
-                fns = {"permute+SDPA": lambda q, k, v: fused.frame_attention(q, k, v, heads)}
+                ref = fused.frame_attention(*qkv.chunk(3, dim=-1), heads).float()
+                fns = {"permute+SDPA": lambda qkv: fused.frame_attention(*qkv.chunk(3, dim=-1), heads)}
                 for block, warps in CONFIGS:
                     if block >= f:
                         fns[f"triton {block}/{warps}"] = (
-                            lambda q, k, v, tuned=tuned(block, warps): fused._FrameAttention.apply(q, k, v, heads,
-                                                                                                   tuned))
+                            lambda qkv, tuned=tuned(block, warps): fused._FrameAttention.apply(qkv, heads, tuned))
                 for label, fn in fns.items():
                     with torch.no_grad():
-                        err = ((fn(q, k, v).float() - ref).norm() / ref.norm()).item()
-                    run = (lambda fn=fn: fn(q, k, v)) if mode == "fwd" else fwd_bwd(fn, q, k, v, g)
+                        err = ((fn(qkv).float() - ref).norm() / ref.norm()).item()
+                    run = (lambda fn=fn: fn(qkv)) if mode == "fwd" else fwd_bwd(fn, qkv, g)
                     with torch.set_grad_enabled(mode != "fwd"):
                         ms = cuda_ms(run, args.runs)[0]
                     totals[(size, mode, label)] = totals.get((size, mode, label), 0.0) + ms

@@ -207,6 +207,12 @@ def test_frame_attention_kernels_equal_the_reference(triton_kernels, b, f, p, he
     assert rel(frames.frame_attention_fwd(*views, heads, block), ref.detach()) <= 1e-5
     for d, d_ref in zip(frames.frame_attention_bwd(g, *views, heads, block), grads_ref):
         assert rel(d, d_ref) <= 1e-5
+    packed = frames.frame_attention_bwd(g, *views, heads, block, packed=True)  # d(q|k|v), one tensor
+    assert packed.shape == joined.shape and rel(packed, torch.cat(grads_ref, dim=-1)) <= 1e-5
+    qkv_in = joined.clone().requires_grad_(True)  # the autograd function: ∂L/∂qkv packed, no concatenation
+    out = fused._FrameAttention.apply(qkv_in, heads, frames)
+    assert rel(out, ref.detach()) <= 1e-5
+    assert rel(torch.autograd.grad(out, qkv_in, g)[0], torch.cat(grads_ref, dim=-1)) <= 1e-5
     assert frames.rows_apart(q, k.transpose(1, 2).contiguous().transpose(1, 2), v) is None  # another layout
     assert not frames.supports(65, 64) and not frames.supports(24, 40) and not frames.supports(24, 8)
 
