@@ -218,12 +218,12 @@ def resolve_tokens(tokenizer, prompt, background, phrases, max_len=77):
 # -----------------------------------------------------------------------------
 # the energy (§4.5)
 
-def _topk_mean(v, k, k_max):
-    """Mean of the k[f] largest entries along the last axis; v (f, p, n, N), k (f, 1, 1) -> (f, p, n).
-    k_max >= every k[f], a host int known from shapes alone (no device sync: the pass can be a CUDA graph)."""
-    top = v.topk(k_max, dim=-1).values  # (f, p, n, k_max), descending
-    keep = torch.arange(k_max, device=v.device) < k[..., None]  # (f, 1, 1, k_max): the first k[f] of each frame
-    return (top * keep).sum(-1) / k.to(v.dtype)
+def _topk_mean(v, keep, k):
+    """Mean of the k[f] largest entries along the last axis; v (f, p, n, N), keep (f, 1, 1, k_max): True for the
+    first k[f] of k_max (`_mask_terms`), k (f, 1, 1) -> (f, p, n). k_max >= every k[f] is a host int known from
+    shapes alone (no device sync: the pass can be a CUDA graph)."""
+    top = v.topk(keep.shape[-1], dim=-1).values  # (f, p, n, k_max), descending
+    return (top * keep).sum(-1) / k
 
 
 def _columns(a, pos):
@@ -241,11 +241,44 @@ def _com(x, h, w):
     return (x.sum(-1) * ys).sum(-1) / mass, (x.sum(-2) * xs).sum(-1) / mass  # Σ y·X / Σ X, Σ x·X / Σ X
 
 
-def energy_terms(maps, masks, token_positions, params):
+def _mask_terms(m, params):
+    """What the energy takes from one object's mask m (f, h, w) at one layer, in m's dtype: the terms that depend
+    on the layout alone, so a pass can take them ready-made (`mask_terms`) instead of recomputing them each time.
+    {'m', 'inv' (1 − m): (f, 1, 1, h·w); 'k_fg', 'k_bg' (f, 1, 1) and 'keep_fg', 'keep_bg' (f, 1, 1, k_max): the
+    top-k sizes; 'my', 'mx' (mask centre), 'dmy', 'dmx' (its step to f⁺): (f, 1, 1); 'here', 'both' (present at f,
+    and at f⁺ too): (f, 1); 'nxt' (f⁺ per f)}."""
+    f, h, w = m.shape
+    hw, dt = h * w, m.dtype
+    m = m.flatten(1)  # f h w -> f (h w)
+    area = m.sum(-1).double()[:, None, None]  # |m| per frame, (f, 1, 1); k in float64 like Python's int(ρ·|m|)
+    k_fg = (params.fg_top_p * area).floor().clamp(min=1)  # k_fg = max(1, ⌊ρ_fg·|m|⌋)
+    k_bg = (params.bg_top_p * (hw - area)).floor().clamp(min=1)  # k_bg = max(1, ⌊ρ_bg·(N − |m|)⌋)
+    fg_max, bg_max = max(1, int(params.fg_top_p * hw)), max(1, int(params.bg_top_p * hw))  # k bounds: |m| <= hw
+    out = {"m": m[:, None, None], "inv": 1 - m[:, None, None], "k_fg": k_fg.to(dt), "k_bg": k_bg.to(dt),
+           "keep_fg": torch.arange(fg_max, device=m.device) < k_fg[..., None],  # the first k[f] of each frame
+           "keep_bg": torch.arange(bg_max, device=m.device) < k_bg[..., None]}
+    if params.com_loss_scale > 0:
+        my, mx = (c[:, None, None] for c in _com(m, h, w))  # mask centre, (f, 1, 1)
+        here = (area > 0).to(dt)[..., 0]  # f 1 1 -> f 1: only frames where the object is present
+        nxt = torch.clamp(torch.arange(f, device=m.device) + 1, max=f - 1)  # f⁺ = min(f + 1, F − 1)
+        out.update(my=my, mx=mx, dmy=my[nxt] - my, dmx=mx[nxt] - mx, here=here, both=here * here[nxt], nxt=nxt)
+    return out
+
+
+def mask_terms(masks, params, dtype=torch.float32):
+    """`_mask_terms` of every layer and object of `masks` ({path: (O, f, h, w)}), {path: [per object]}, for
+    `energy(..., prepared=)`: the guidance pass takes them ready-made (one set per layout and parameters: about
+    200 small kernels fewer a pass). dtype: the energy's accumulator, promote_types(the maps' dtype, float32)."""
+    return {path: [_mask_terms(m[o].to(dtype), params) for o in range(m.shape[0])] for path, m in masks.items()}
+
+
+def energy_terms(maps, masks, token_positions, params, prepared=None):
     """The energy's four parts, each already averaged as L is: {'fg', 'bg', 'pos', 'vel'} -> scalars; L = their sum.
 
     maps:  {path: attention probabilities (f, n, h*w, 77)} (fp16 or fp32; the accumulator is at least fp32)
     masks: {path: (O, f, h, w)} (`layer_masks`); token_positions: O lists of positions (`resolve_tokens`).
+    prepared: `mask_terms(masks, params, dtype)` on the maps' device, or None (computed here);
+    the same value either way (tests/test_attention.py).
     """
     if not maps:
         raise ValueError("energy: no attention maps given")
@@ -258,45 +291,38 @@ def energy_terms(maps, masks, token_positions, params):
     for path, a in maps.items():
         if path not in masks:
             raise ValueError(f"energy: no masks for layer {path}")
-        m_all = masks[path].to(a.device, dt)
         f, n, hw, l = a.shape
+        m_all = masks[path]
         h, w = m_all.shape[-2:]
-        fg_max, bg_max = max(1, int(params.fg_top_p * hw)), max(1, int(params.bg_top_p * hw))  # k bounds: |m| <= hw
         if m_all.shape != (n_obj, f, h, w) or h * w != hw:
             raise ValueError(f"energy: layer {path}: maps {tuple(a.shape)} do not fit masks {tuple(m_all.shape)} "
                              f"for {n_obj} objects")
         for o, pos in enumerate(token_positions):
             if not pos or min(pos) < 0 or max(pos) >= l:
                 raise ValueError(f"energy: object {o} has token positions {pos}, need 1+ within 0..{l - 1}")
+            mt = prepared[path][o] if prepared is not None else _mask_terms(m_all[o].to(a.device, dt), params)
             a_o = _columns(a, pos).to(dt).permute(0, 3, 1, 2)  # f n (h w) p -> f p n (h w); fp16 -> fp32 exact
-            m = m_all[o].flatten(1)  # f h w -> f (h w)
-            area = m.sum(-1).double()[:, None, None]  # |m| per frame, (f, 1, 1); k in float64 like Python's int(ρ·|m|)
-            k_fg = (params.fg_top_p * area).floor().clamp(min=1)  # k_fg = max(1, ⌊ρ_fg·|m|⌋)
-            k_bg = (params.bg_top_p * (hw - area)).floor().clamp(min=1)  # k_bg = max(1, ⌊ρ_bg·(N − |m|)⌋)
-            fg = 1 - _topk_mean(a_o * m[:, None, None], k_fg, fg_max)  # fg_h = 1 − mean(topk_{k_fg}(A ⊙ m)), (f, p, n)
-            bg = _topk_mean(a_o * (1 - m[:, None, None]), k_bg, bg_max)  # bg_h = mean(topk_{k_bg}(A ⊙ (1 − m)))
+            fg = 1 - _topk_mean(a_o * mt["m"], mt["keep_fg"], mt["k_fg"])  # fg_h = 1 − mean(topk_{k_fg}(A ⊙ m))
+            bg = _topk_mean(a_o * mt["inv"], mt["keep_bg"], mt["k_bg"])  # bg_h = mean(topk_{k_bg}(A ⊙ (1 − m)))
             # E_box = w_fg·Σ_h fg_h + w_bg·Σ_h bg_h (heads summed); Σ_f Σ_p, then / |P_o|
             terms["fg"] = terms["fg"] + params.fg_weight * fg.sum() / len(pos)
             terms["bg"] = terms["bg"] + params.bg_weight * bg.sum() / len(pos)
             if lam > 0:
                 cy, cx = _com(a_o, h, w)  # per head, (f, p, n)
-                my, mx = (c[:, None, None] for c in _com(m, h, w))  # mask centre, (f, 1, 1)
-                here = (area > 0).to(dt)[..., 0]  # f 1 1 -> f 1: only frames where the object is present
-                nxt = torch.clamp(torch.arange(f, device=a.device) + 1, max=f - 1)  # f⁺ = min(f + 1, F − 1)
-                both = here * here[nxt]  # present at f and at f⁺
+                my, mx, nxt = mt["my"], mt["mx"], mt["nxt"]  # mask centre (f, 1, 1); f⁺ = min(f + 1, F − 1)
                 # E_pos = λ·[mean_h (CoM_y(A) − CoM_y(m))² + mean_h (CoM_x(A) − CoM_x(m))²]
                 e_pos = lam * (((cy - my) ** 2).mean(-1) + ((cx - mx) ** 2).mean(-1))
                 # E_vel = λ·[mean_h (ΔCoM_y(A) − ΔCoM_y(m))² + same for x], Δ = value at f⁺ − value at f
-                e_vel = lam * ((((cy[nxt] - cy) - (my[nxt] - my)) ** 2).mean(-1) +
-                               (((cx[nxt] - cx) - (mx[nxt] - mx)) ** 2).mean(-1))
-                terms["pos"] = terms["pos"] + (e_pos * here).sum() / len(pos)
-                terms["vel"] = terms["vel"] + (e_vel * both).sum() / len(pos)
+                e_vel = lam * ((((cy[nxt] - cy) - mt["dmy"]) ** 2).mean(-1) +
+                               (((cx[nxt] - cx) - mt["dmx"]) ** 2).mean(-1))
+                terms["pos"] = terms["pos"] + (e_pos * mt["here"]).sum() / len(pos)
+                terms["vel"] = terms["vel"] + (e_vel * mt["both"]).sum() / len(pos)
     return {k: v / (n_obj * len(maps)) for k, v in terms.items()}  # L = Σ_ℓ Σ_o obj(o, ℓ) / (|O|·6)
 
 
-def energy(maps, masks, token_positions, params):
+def energy(maps, masks, token_positions, params, prepared=None):
     """L (§4.5): a scalar tensor; see `energy_terms` for the arguments."""
-    return sum(energy_terms(maps, masks, token_positions, params).values())
+    return sum(energy_terms(maps, masks, token_positions, params, prepared).values())
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +431,9 @@ class LatentGuidance:
             cond = cond.clone()  # an ordinary tensor even if made under inference_mode
             self.unet(z, t, cond, store=store, checkpoint=self.params.checkpointing)
             maps = {path: store.maps[path] for path in GUIDED_LAYERS}  # (b f) n q l, b = 1 -> f n q l
-            loss = energy(maps, self._masks_on(z.device), self.token_positions, self.params)
+            dt = torch.promote_types(maps[GUIDED_LAYERS[0]].dtype, torch.float32)
+            masks, prepared = self._masks_on(z.device, dt)
+            loss = energy(maps, masks, self.token_positions, self.params, prepared)
             (g,) = torch.autograd.grad(self.params.loss_scale * loss, z)  # g = ∇_z (s·L)
         return (loss.detach(), g, *(m.detach() for m in maps.values()))
 
@@ -413,10 +441,13 @@ class LatentGuidance:
         """Free the captured graph and its memory (the sampler calls this once the guided steps are over)."""
         self._graphed, self._graphed_key = None, None
 
-    def _masks_on(self, device):
-        if device not in self._device_masks:  # copied once, before any capture
-            self._device_masks[device] = {path: m.to(device) for path, m in self.masks.items()}
-        return self._device_masks[device]
+    def _masks_on(self, device, dtype):
+        """The masks on `device` and their `mask_terms`: made once (the first, eager pass), before any capture."""
+        key = (device, dtype, self.params)
+        if key not in self._device_masks:
+            masks = {path: m.to(device) for path, m in self.masks.items()}
+            self._device_masks[key] = masks, mask_terms(masks, self.params, dtype)
+        return self._device_masks[key]
 
     def step(self, x, t):
         """One guidance iteration at timestep t -> (updated latents, L measured before the update)."""

@@ -239,6 +239,28 @@ def test_energy_com_position_and_velocity():
     assert abs(float(terms["pos"]) - pos0) < 1e-12 and float(terms["vel"]) == 0.0
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_energy_with_prepared_mask_terms_is_the_same(lam):
+    """energy(..., prepared=mask_terms(...)) (the guidance pass's path) against the terms computed inline: the same
+    value and gradient (the same ops on the same numbers), over two layers, two objects, an absent frame."""
+    p = A.GuidanceParams(com_loss_scale=lam)
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 2, 16, 5, generator=gen, dtype=torch.float64).softmax(-1).requires_grad_(True)
+    other = torch.zeros(4, 4)
+    other[1:4, 0:3] = 1
+    masks = {"x": torch.stack([torch.stack([EDGE, other, torch.zeros(4, 4)]), torch.stack([other, other, EDGE])]),
+             "y": torch.stack([torch.stack([other, EDGE, EDGE]), torch.stack([EDGE, torch.zeros(4, 4), other])])}
+    prepared = A.mask_terms(masks, p, torch.float64)
+    assert sorted(prepared) == ["x", "y"] and len(prepared["x"]) == 2 and ("my" in prepared["x"][0]) == (lam > 0)
+    maps = {"x": a, "y": a.flip(0)}
+    for got, want in zip(A.energy_terms(maps, masks, [[1], [2, 3]], p, prepared).values(),
+                         A.energy_terms(maps, masks, [[1], [2, 3]], p).values()):
+        assert got.dtype == torch.float64 and float(got) == float(want)
+    (g,) = torch.autograd.grad(A.energy(maps, masks, [[1], [2, 3]], p, prepared), a)
+    (g_ref,) = torch.autograd.grad(A.energy(maps, masks, [[1], [2, 3]], p), a)
+    assert torch.equal(g, g_ref) and g.abs().sum() > 0
+
+
 def test_energy_fp16_maps_fp32_accumulator_and_errors():
     a = torch.rand(2, 2, 16, 5).softmax(-1).half()
     masks = {L4: torch.stack([EDGE, EDGE])[None]}

@@ -71,7 +71,7 @@ def test_the_guidance_pass_needs_no_host_value():
     unet = _unet("cpu").to("meta")
     cond = torch.randn(1, 77, 32, device="meta")
     guide = _guide(unet, cond, fast=False)
-    guide._masks_on(torch.device("meta"))  # once per video, before any capture
+    guide._masks_on(torch.device("meta"), torch.float32)  # once per video, before any capture
     with HostTraffic() as mode:
         loss, g, *maps = guide._pass(torch.randn(1, 4, 3, 16, 16, device="meta"), torch.tensor(974, device="meta"),
                                      cond)
