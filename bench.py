@@ -121,12 +121,14 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
     t = torch.tensor(999, device=pipe.device)
     pipe.unet.fuse_(False)  # the eager rows: no fused kernels either
+    setup = "cuDNN's set-up" + (" and algorithm timing" if torch.backends.cudnn.benchmark else "")
     with torch.no_grad():  # (a) the CFG UNet step, as generate runs it: one latent, [negative, positive]
+        first_s = wall_s(lambda: pipe.unet(x, t, text), warmup=False)[0]  # this size's first call: its set-up
         fl, fl2 = flops(lambda: pipe.unet(x, t, text)), flops(lambda: pipe.unet(torch.cat([x, x]), t, text))
         base_ms, gib = cuda_ms(lambda: pipe.unet(x, t, text), args.runs)
         row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib,
             extra=f"{throughput(fl, base_ms, peak)}; {fl / 1e12:.2f} TFLOP run (the text-free prefix once; "
-                  f"{fl2 / 1e12:.2f} on the repeated latent, as diffusers)")
+                  f"{fl2 / 1e12:.2f} on the repeated latent, as diffusers); first call {first_s:.2f} s ({setup})")
         y_eager = pipe.unet(x, t, text)
         for fused in (False, True):  # the fast path: CUDA graphs, then also the fused kernels (fused.py)
             pipe.unet.fuse_(fused)
@@ -155,8 +157,10 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
             pipe.unet(z, t, guide.cond, store=store)
             loss = attention.energy(store.maps, masks, guide.token_positions, params)
             return torch.autograd.grad(params.loss_scale * loss, z)[0]
+    first_s = wall_s(official, warmup=False)[0]  # the first backward at this size: its set-up
     ms_off, gib = cuda_ms(official, args.runs)
-    row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib)
+    row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib,
+        extra=f"first call {first_s:.2f} s ({setup})")
     guide.fast = False
     g_ref = guide.loss_and_grad(x, t)[1]
     for fast, fused in ((False, False), (True, False), (True, True)):
@@ -255,10 +259,14 @@ def main(argv=None):
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-video", action="store_true", help="skip the whole-video measurements (c), (d)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet (slow to compile)")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                    help="torch.backends.cudnn.benchmark for the whole run, lvd and diffusers alike (the steady "
+                         "state of a batch, batch.py's default; graphs.cudnn_benchmark)")
     ap.add_argument("--smoke", action="store_true", help="check this script: the tiny model on the CPU, fp32, "
                     "one run, 2x32x32 (its numbers mean nothing)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
     if args.smoke:
         args.sizes, args.runs, args.steps = "2x32x32", 1, 2
@@ -292,7 +300,8 @@ def main(argv=None):
     lines = [f"# lvd benchmark: {where}, {datetime.date.today()}",
              "", f"torch {torch.__version__}; {str(args.dtype)[6:]}; {'tiny' if args.smoke else 'real 1.7B'} config, "
              f"random weights; median of "
-             f"{args.runs} runs (CUDA events); measured bf16 matmul peak {peak or 0:.0f} TFLOP/s. Peak GiB is all memory "
+             f"{args.runs} runs (CUDA events); cudnn.benchmark {args.cudnn_benchmark}; measured bf16 matmul peak "
+             f"{peak or 0:.0f} TFLOP/s. Peak GiB is all memory "
              "allocated by PyTorch (models included); 'above models' excludes the resident weights.", "",
              "| size (f×h×w) | what | implementation | ms | peak GiB | above models GiB | s | notes |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

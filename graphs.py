@@ -21,7 +21,23 @@ leaves in the pool is dead before the other runs. Without CUDA, or with `enabled
 non-pinned CPU tensors): everything that depends on host values (the masks' top-k sizes, the token positions)
 is fixed before the first call.
 """
+import contextlib
+
 import torch
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled=True):
+    """torch.backends.cudnn.benchmark inside the block, restored after: cuDNN times its algorithms at each new
+    convolution shape on its first, eager call (here a graph's warm-up) and keeps the fastest for the process.
+    It pays where many calls of one size follow (batch.py; bench.py measures the steady state with it); the
+    timing itself costs time on the first calls, and the choice may differ between runs in the last bits."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = old or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def graph_pool():

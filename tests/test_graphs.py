@@ -64,6 +64,25 @@ class HostTraffic(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def test_cudnn_benchmark_holds_inside_the_block_and_is_restored():
+    old = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with graphs.cudnn_benchmark(True):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError), graphs.cudnn_benchmark(True):
+            raise RuntimeError("a failed run")
+        assert torch.backends.cudnn.benchmark is False
+        with graphs.cudnn_benchmark(False):
+            assert torch.backends.cudnn.benchmark is False
+        torch.backends.cudnn.benchmark = True  # a caller's own setting is kept
+        with graphs.cudnn_benchmark(False):
+            assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 def test_the_guidance_pass_needs_no_host_value():
     """Capture fails on any device -> host read (int(t), .item()); on the meta device, which has no values, the
     pass runs end to end and HostTraffic records each such read. (Host -> device copies made inside tensor
