@@ -65,11 +65,13 @@ def issue_ms(fn, runs=5):
     return best
 
 
-def profile(fn, label, top=12):
+def profile(fn, label, top=12, ops=0):
+    """Kernel time per category and the `top` kernels; with `ops`, also the `ops` aten ops whose own kernels
+    take the most time (which op launched the copies and elementwise kernels)."""
     from torch.profiler import ProfilerActivity, profile as prof
     fn()
     torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
+    with prof(activities=[ProfilerActivity.CUDA] + [ProfilerActivity.CPU] * bool(ops)) as p:
         fn()
         torch.cuda.synchronize()
     per_cat, per_kernel, count, n = defaultdict(float), defaultdict(float), defaultdict(int), 0
@@ -87,6 +89,12 @@ def profile(fn, label, top=12):
         print(f"  {cat:14s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    {us / 1e3:7.2f} ms x{count[name]:<4d} [{category(name)}] {name}")
+    if ops:
+        own = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        rows = [(own(e), e.count, e.key) for e in p.key_averages() if e.key.startswith("aten::") and own(e) > 0]
+        print("  aten ops by the kernel time of their own:")
+        for us, cnt, key in sorted(rows, reverse=True)[:ops]:
+            print(f"    {us / 1e3:7.2f} ms x{cnt:<4d} {key}")
 
 
 def main(argv=None):
@@ -98,6 +106,7 @@ def main(argv=None):
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers (CFG step, official guidance pass)")
     ap.add_argument("--fused", action="store_true", help="profile with the fused kernels on (UNet3D.fuse_)")
     ap.add_argument("--top", type=int, default=12, help="how many of the most expensive kernels to list")
+    ap.add_argument("--ops", type=int, default=0, help="also list this many aten ops by their kernels' time")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -136,8 +145,8 @@ def main(argv=None):
               f" (its forward {median_ms(guidance_forward):.1f} ms); CPU time to issue: CFG step "
               f"{issue_ms(cfg_step):.1f} ms, guidance pass {issue_ms(guidance_pass):.1f} ms", flush=True)
         if not args.no_profile:
-            profile(cfg_step, f"{size} CFG step (batch 2)", args.top)
-            profile(guidance_pass, f"{size} guidance pass (batch 1)", args.top)
+            profile(cfg_step, f"{size} CFG step (batch 2)", args.top, args.ops)
+            profile(guidance_pass, f"{size} guidance pass (batch 1)", args.top, args.ops)
         if args.variants:
             variants(unet, cfg_step, guidance_pass, x, t, ctx, args.compile)
         if args.diffusers:
