@@ -243,7 +243,9 @@ def diffusers_rows(model_dir, sizes, layout, args, peak, row):
         s_lat, _, _ = wall_s(lambda: call("latent"))
         s, gib, _ = wall_s(lambda: call("np"))
         row(size, f"unguided video ({args.steps} steps, decode)", "diffusers TextToVideoSDPipeline", s=s, gib=gib,
-            extra=f"{s_lat / args.steps * 1e3:.1f} ms/step; decode {s - s_lat:.2f} s")
+            extra=f"{s_lat / args.steps * 1e3:.1f} ms/step; " + (
+                f"decode {s - s_lat:.2f} s (the difference of two runs)" if s > s_lat else
+                f"decode not resolved: the run without it took {s_lat - s:.2f} s longer (run-to-run noise)"))
     del ref
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
