@@ -271,7 +271,8 @@ class _FrameAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (qkv,) = ctx.saved_tensors
-        return ctx.kernels.frame_attention_bwd(g.contiguous(), *qkv.chunk(3, dim=-1), ctx.heads, packed=True), None, None
+        dqkv = ctx.kernels.frame_attention_bwd(g.contiguous(), *qkv.chunk(3, dim=-1), ctx.heads, packed=True)
+        return dqkv, None, None
 
 
 class Kernels:

@@ -11,8 +11,9 @@ differences: no permute (the kernel gathers each sequence's rows, stride p·n·e
 and several sequences share one tile: a program takes PB = BLOCK // f positions × f frames as one BLOCK-row tile of
 one head and masks the score matrix to its diagonal blocks (a row attends only to the rows of its own position).
 The backward recomputes the probabilities in the tile (no log-sum-exp kept, the output not read):
-dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO·vᵀ. Products accumulate in fp32; P is rounded to the input's dtype before
-P·v, as in flash attention.
+dS = P ∘ (dP − rowsum(P ∘ dP)), dP = dO·vᵀ; it writes dq, dk, dv as three tensors or, for the joined qkv product
+the UNet makes, packed as one d(q|k|v) (no concatenation after). Products accumulate in fp32; P is rounded to the
+input's dtype before P·v, as in flash attention.
 
 Glossary: b (batch), f (frames), p (positions h·w), n (heads), e (head width), D = n·e, PB (positions per tile).
 """
