@@ -78,7 +78,8 @@ def with_settings(settings, fn):
 
 
 def pass_calls(f=24, h=320, w=576):
-    """{(n, s, c, silu, add, residual): calls} of group_norm_bwd in one guidance pass of the 1.7B UNet (fp16)."""
+    """{(n, s, c, silu, add, residual): calls} of group_norm_bwd in one guidance pass (`LatentGuidance`, as
+    generate runs it) of the 1.7B UNet, fp16, random weights."""
     import attention
     from unet3d import UNet3D, UNet3DConfig
     with torch.device("cuda"):
@@ -91,13 +92,35 @@ def pass_calls(f=24, h=320, w=576):
             calls[key] = calls.get(key, 0) + 1
             return bwd(g, x, weight, bias, add, mean, rstd, groups, silu, residual)
         k.gn_bwd = record
-    x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half).requires_grad_(True)
-    ctx = torch.randn(1, 77, 1024, device="cuda", dtype=torch.half)
-    masks = {k: v.cuda() for k, v in attention.layer_masks([[[0.0, 0.5, 0.2, 0.7]] * f], (h // 8, w // 8)).items()}
-    store = attention.AttentionStore(attention.GUIDED_LAYERS, truncate=True)
-    unet(x, torch.tensor(999, device="cuda"), ctx, store=store)
-    torch.autograd.grad(attention.energy(store.maps, masks, [[1]], attention.GuidanceParams()), x)
+    cond = torch.randn(1, 77, 1024, device="cuda", dtype=torch.half)
+    masks = attention.layer_masks([[[0.0, 0.5, 0.2, 0.7]] * f], (h // 8, w // 8))
+    guide = attention.LatentGuidance(unet, cond, masks, [[1]], [0.5] * 1000, attention.GuidanceParams())
+    guide.loss_and_grad(torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half), 999)
     return calls
+
+
+def sweep_case(run, sweep, now, count, totals):
+    """Times run() under every setting of `sweep` (each checked against the current setting's result), adds
+    count × time to `totals` -> (the time under `now`, the best time, the best setting)."""
+    ref = run().float()
+    times = []
+    for i, st in enumerate(sweep):
+        err = ((with_settings(st, run).float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-2, (st, err)
+        times.append(with_settings(st, lambda: graph_ms(run)))
+        totals[i] += count * times[-1]
+    best = min(range(len(sweep)), key=lambda i: times[i])
+    return times[sweep.index(now)] if now in sweep else float("nan"), times[best], _named(sweep[best])
+
+
+def print_totals(label, sweep, now, totals):
+    print(f"\n{label}, by setting:")
+    for i in sorted(range(len(sweep)), key=lambda i: totals[i]):
+        print(f"  {totals[i]:7.3f} ms  {_named(sweep[i])}{'  (now)' if sweep[i] == now else ''}")
+
+
+def _named(settings):
+    return {k[1:]: v for k, v in settings.items()}  # without the leading underscore
 
 
 def backward(smoke):
@@ -112,22 +135,11 @@ def backward(smoke):
         a = torch.randn(n, 1, c, device=dev).half() if has_add else None
         r = torch.randn(n, s, c, device=dev).half() if has_r else None
         _, mean, rstd = kernels.group_norm_fwd(x, wt, b, a, 32, 1e-5, silu)
-        run = lambda: kernels.group_norm_bwd(g, x, wt, b, a, mean, rstd, 32, silu, r)  # noqa: E731
-        ref = run().float()
-        times = []
-        for i, st in enumerate(sweep):
-            err = ((with_settings(st, run).float() - ref).abs().max() / ref.abs().max()).item()
-            assert err < 1e-2, (st, err)
-            times.append(with_settings(st, lambda: graph_ms(run)))
-            totals[i] += count * times[-1]
-        now = times[sweep.index(GRAD_NOW)] if GRAD_NOW in sweep else float("nan")
-        best = min(range(len(sweep)), key=lambda i: times[i])
+        now, best, setting = sweep_case(lambda: kernels.group_norm_bwd(g, x, wt, b, a, mean, rstd, 32, silu, r),
+                                        sweep, GRAD_NOW, count, totals)
         print(f"{(n, s, c)} silu {silu:d} add {has_add:d} residual {has_r:d} x{count}: now {now:.3f} ms; best "
-              f"{times[best]:.3f} ms { {k[1:]: v for k, v in sweep[best].items()} }", flush=True)
-    print(f"\nper guidance pass ({sum(calls.values())} calls), by setting:")
-    for i in sorted(range(len(sweep)), key=lambda i: totals[i]):
-        print(f"  {totals[i]:7.3f} ms  { {k[1:]: v for k, v in sweep[i].items()} }"
-              f"{'  (now)' if sweep[i] == GRAD_NOW else ''}")
+              f"{best:.3f} ms {setting}", flush=True)
+    print_totals(f"per guidance pass ({sum(calls.values())} calls)", sweep, GRAD_NOW, totals)
 
 
 def main():
@@ -144,23 +156,11 @@ def main():
         x = (torch.randn(n, s, c, device=dev) * 3 + 5).half()
         wt, b = torch.rand(c, device=dev).half() + 0.5, torch.randn(c, device=dev).half()
         y = torch.empty_like(x)
-        ref = kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)[0].float()
         copy = graph_ms(lambda: y.copy_(x))
-        times = []
-        for i, st in enumerate(sweep):
-            out = with_settings(st, lambda: kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)[0])
-            err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            assert err < 1e-2, (st, err)
-            t = with_settings(st, lambda: graph_ms(lambda: kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)))
-            times.append(t)
-            totals[i] += calls * t
-        now = times[sweep.index(NOW)] if NOW in sweep else float("nan")
-        best = min(range(len(sweep)), key=lambda i: times[i])
-        print(f"{(n, s, c)} x{calls}: copy {copy:.3f} ms; now {now:.3f} ms; best {times[best]:.3f} ms "
-              f"{ {k[1:]: v for k, v in sweep[best].items()} }", flush=True)
-    print("\nper CFG step (166 calls), by setting:")
-    for i in sorted(range(len(sweep)), key=lambda i: totals[i]):
-        print(f"  {totals[i]:7.3f} ms  { {k[1:]: v for k, v in sweep[i].items()} }{'  (now)' if sweep[i] == NOW else ''}")
+        now, best, setting = sweep_case(lambda: kernels.group_norm_fwd(x, wt, b, None, 32, 1e-5, True)[0], sweep, NOW,
+                                        calls, totals)
+        print(f"{(n, s, c)} x{calls}: copy {copy:.3f} ms; now {now:.3f} ms; best {best:.3f} ms {setting}", flush=True)
+    print_totals("per CFG step (166 calls)", sweep, NOW, totals)
     if smoke:
         return
     h = torch.randn(138240, 2560, device=dev).half()

@@ -67,7 +67,7 @@ def issue_ms(fn, runs=5):
 
 def profile(fn, label, top=12, ops=0):
     """Kernel time per category and the `top` kernels; with `ops`, also the `ops` aten ops whose own kernels
-    take the most time (which op launched the copies and elementwise kernels)."""
+    take the most time (scripts/copy_sources.py follows each copy kernel up its chain of ops)."""
     from torch.profiler import ProfilerActivity, profile as prof
     fn()
     torch.cuda.synchronize()
