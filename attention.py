@@ -16,12 +16,10 @@ Differences:
   so 'ball' no longer matches inside 'football</w>' (§10.7). The plural fallback is a small rule set
   (`plural`) instead of the `inflect` library. Added suffixes are returned so runs can record them (§10.9).
 - The guidance forward stops after the last guided layer (up_blocks.3 and conv_out are never computed;
-  they do not feed the energy, so the gradient is unchanged). Its memory can be lowered by recomputing the
-  cheap norms and activations in the backward (the default), or by checkpointing every block
-  (`GuidanceParams.checkpointing`, §10.15). All are tested to give the official gradient.
-- On CUDA the pass is replayed from a CUDA graph (graphs.py): it reads no host value (top-k sizes from shapes,
-  token columns by slices, masks moved once), and the official pass is launch-bound where this one is not. Its
-  norms and GEGLU run as fused kernels there (fused.py, set by lvd.generate), which keep only their inputs.
+  they do not feed the energy, so the gradient is unchanged).
+- The pass reads no host value (top-k sizes from shapes, token columns by slices, the masks' terms made once),
+  so the fast layer can replay it from a CUDA graph (`fast.graph_guidance` replaces `LatentGuidance.run_pass`);
+  its memory modes (§10.15: the official code keeps the whole fp16 graph) are the fast layer's too.
 - The energy divides by |O|·(number of layers given), which is |O|·6 for the guided set, as the official.
 - Energy units are the official, unnormalised ones: τ depends on frames and heads (§4.5 "Scale", §10.16).
 
@@ -38,9 +36,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import graphs
-from memory import checkpoint_mode
 
 log = logging.getLogger(__name__)
 
@@ -339,20 +334,12 @@ class GuidanceParams:
     fg_weight: float = 1.0           # w_fg
     bg_weight: float = 4.0           # w_bg
     com_loss_scale: float = 0.03     # λ; 0 turns the centre-of-mass terms off
-    # memory of the guidance pass (same gradient in each): 'off' keeps the graph; 'cheap' (the default: on an
-    # H200, guided 576x320x24 peaks at 16.6 GiB instead of 20.2 for 3.5% more time) recomputes norms and
-    # activations in the backward; 'full' (or True) checkpoints every block (results/perf-notes.md)
-    checkpointing: str = "cheap"
 
     def __post_init__(self):
         if not (0 < self.fg_top_p <= 1 and 0 < self.bg_top_p <= 1):
             raise ValueError(f"GuidanceParams: fg_top_p/bg_top_p must be in (0, 1], got {self.fg_top_p}/{self.bg_top_p}")
         if min(self.loss_scale, self.max_iter, self.max_index_step, self.com_loss_scale) < 0:
             raise ValueError("GuidanceParams: loss_scale, max_iter, max_index_step, com_loss_scale must be >= 0")
-        try:
-            checkpoint_mode(self.checkpointing)
-        except ValueError as e:
-            raise ValueError(f"GuidanceParams: {e}") from None
 
 
 PRESETS = {  # README commands of the official repo (§6); 'weak' thresholds per model: 16 vs 24 frames
@@ -383,10 +370,10 @@ class LatentGuidance:
     State: `loss_prev` (L_prev, never reset), `history`, a list of (i, t, iteration, L), and `last_maps`, the six
     maps of the last iteration (detached, (f, n, h·w, 77)) for `save_attention_grid`.
     `names` and `suffixes` (from resolve_tokens) are only carried along for the run record.
+    `run_pass` is the function that runs one pass, `_pass`; the fast layer replays it from a CUDA graph.
     """
 
-    def __init__(self, unet, cond, masks, token_positions, schedule, params, names=(), suffixes=(), fast=False,
-                 pool=None):
+    def __init__(self, unet, cond, masks, token_positions, schedule, params, names=(), suffixes=()):
         missing = [p for p in GUIDED_LAYERS if p not in masks]
         if missing:
             raise ValueError(f"LatentGuidance: masks lack the guided layers {missing}")
@@ -395,8 +382,7 @@ class LatentGuidance:
         self.loss_prev = 10000.0 / params.loss_scale if params.loss_scale else math.inf  # L_prev (§4.6)
         self.history, self.last_maps = [], None
         self.names, self.suffixes = list(names), list(suffixes)
-        self.fast, self.pool = fast, pool  # fast: replay the pass from a CUDA graph (graphs.py) in a shared pool
-        self._graphed, self._graphed_key, self._device_masks = None, None, {}
+        self.run_pass, self._device_masks = self._pass, {}
 
     def __call__(self, x, i, t):
         p = self.params
@@ -415,21 +401,18 @@ class LatentGuidance:
             raise ValueError("LatentGuidance: set the conditional embedding `.cond` (1, 77, d) first")
         if x.dim() != 5 or x.shape[0] != 1:
             raise ValueError(f"LatentGuidance: latents must be (1, 4, f, h, w), got {tuple(x.shape)}")
-        key = (self.params, self.fast, self.pool)  # a new graph when what the pass does changes
-        if self._graphed_key != key:
-            self._graphed, self._graphed_key = graphs.Graphed(self._pass, self.fast, self.pool), key
         t = torch.as_tensor(t, device=x.device)  # a device tensor: no host copy inside the pass
-        loss, g, *maps = self._graphed(x, t, self.cond)
+        loss, g, *maps = self.run_pass(x, t, self.cond)
         self.last_maps = dict(zip(GUIDED_LAYERS, maps))
         return loss, g
 
     def _pass(self, x, t, cond):
-        """(L, ∇_z(s·L), the six maps (f, n, q, l)): tensors in and out, no host synchronisation (graphs.Graphed)."""
+        """(L, ∇_z(s·L), the six maps (f, n, q, l)): tensors in and out, no host synchronisation."""
         store = AttentionStore(GUIDED_LAYERS, truncate=True)
         with torch.inference_mode(False), torch.enable_grad():
             z = x.detach().clone().requires_grad_(True)
             cond = cond.clone()  # an ordinary tensor even if made under inference_mode
-            self.unet(z, t, cond, store=store, checkpoint=self.params.checkpointing)
+            self.unet(z, t, cond, store=store)  # stops after the last guided layer
             maps = {path: store.maps[path] for path in GUIDED_LAYERS}  # (b f) n q l, b = 1 -> f n q l
             dt = torch.promote_types(maps[GUIDED_LAYERS[0]].dtype, torch.float32)
             masks, prepared = self._masks_on(z.device, dt)
@@ -437,12 +420,8 @@ class LatentGuidance:
             (g,) = torch.autograd.grad(self.params.loss_scale * loss, z)  # g = ∇_z (s·L)
         return (loss.detach(), g, *(m.detach() for m in maps.values()))
 
-    def drop_graph(self):
-        """Free the captured graph and its memory (the sampler calls this once the guided steps are over)."""
-        self._graphed, self._graphed_key = None, None
-
     def _masks_on(self, device, dtype):
-        """The masks on `device` and their `mask_terms`: made once (the first, eager pass), before any capture."""
+        """The masks on `device` and their `mask_terms`: made once, in the first pass."""
         key = (device, dtype, self.params)
         if key not in self._device_masks:
             masks = {path: m.to(device) for path, m in self.masks.items()}
@@ -457,7 +436,7 @@ class LatentGuidance:
         return (x - math.sqrt(1.0 - alpha_bar) * g.to(x.dtype)).detach(), float(loss)  # z ← z − √(1 − ᾱ_t)·g
 
 
-def guidance_for_layout(pipe, prompt, layout, frames, height, width, params, fast=False, pool=None):
+def guidance_for_layout(pipe, prompt, layout, frames, height, width, params):
     """The pipeline's glue: -> (LatentGuidance whose `.cond` is still to be set, the final prompt).
 
     pipe: has tokenizer, unet, schedule; layout: planner.Layout (`object_boxes(frames)` -> tracks with
@@ -467,7 +446,7 @@ def guidance_for_layout(pipe, prompt, layout, frames, height, width, params, fas
     final, positions, suffixes = resolve_tokens(pipe.tokenizer, prompt, layout.background, names)
     boxes = np.stack([np.asarray(tr.boxes, dtype=np.float64) for tr in tracks]) if tracks else np.zeros((0, frames, 4))
     masks = layer_masks(boxes, (height // 8, width // 8))
-    guide = LatentGuidance(pipe.unet, None, masks, positions, pipe.schedule, params, names, suffixes, fast, pool)
+    guide = LatentGuidance(pipe.unet, None, masks, positions, pipe.schedule, params, names, suffixes)
     return guide, final
 
 

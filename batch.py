@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 import evaluate
-import graphs
 import lvd
 import planner
 
@@ -160,10 +159,11 @@ def run_job(pipe, job, args, guidance, layouts, rank, world):
             timings["plan_s"] = time.perf_counter() - t0
             if failure is None:
                 info = {}
-                with graphs.cudnn_benchmark(args.cudnn_benchmark is not False):  # on unless --no-cudnn-benchmark
+                with lvd.cudnn_benchmark(args.cudnn_benchmark is not False):  # on unless --no-cudnn-benchmark
                     frames = lvd.generate(pipe, job.prompt, layout, args.frames, args.height, args.width,
                                           args.steps, args.cfg, args.negative_prompt, job.seed, args.solver,
-                                          guidance, vae_slice=args.vae_slice, info=info, fast=args.fast)
+                                          guidance, vae_slice=args.vae_slice, info=info, fast=args.fast,
+                                          memory=args.checkpointing)
                 timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
                 settings = {k: v for k, v in vars(args).items() if k != "seeds"}
                 settings.update(prompt=job.prompt, seed=job.seed, index=job.index, seed_offset=job.offset,

@@ -5,11 +5,13 @@ Usage (on a CUDA machine with diffusers importable):
     python bench.py --smoke --out /tmp/bench.md     (every code path on the tiny model on the CPU; tests/test_bench.py)
 
 Measures, per size (frames × height × width), in fp16:
-  (a) the CFG UNet step (batch 2): lvd eager, lvd fast (a CUDA graph, graphs.py; then also the fused kernels,
-      fused.py, which is what --fast does; `--compile`: also torch.compile), diffusers' UNet3DConditionModel;
-  (b) one guidance pass (cond-only forward + backward to the latents): lvd (truncated after the last guided layer,
-      explicit probabilities only in the six guided layers), lvd with its two memory modes (--checkpointing cheap
-      and full), each eager, fast without and with the fused kernels (with the error against eager), and the official
+  (a) the CFG UNet step (batch 2): the lvd reference (unet3d.py as it is), lvd fast (the fast layer, fast/: a CUDA
+      graph and channels-last; then also the fused kernels, which is what --fast does; `--compile`: torch.compile of
+      the reference), diffusers' UNet3DConditionModel;
+  (b) one guidance pass (cond-only forward + backward to the latents): the lvd reference (truncated after the last
+      guided layer, explicit probabilities only in the six guided layers), the fast layer's memory modes alone
+      (--checkpointing cheap and full, eager), fast without and with the fused kernels in each mode (with the error
+      against the reference), and the official
       approach (full forward, graph kept), both on lvd's UNet and on diffusers' UNet3DConditionModel with the
       official explicit-probability processor in the six layers (scripts/official_guidance.py; the official code
       runs a copy of diffusers' model, so the latter is the official implementation's cost);
@@ -24,6 +26,7 @@ import dataclasses
 import datetime
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +35,7 @@ import types
 import torch
 
 import attention
-import graphs
+import fast
 import lvd
 import planner
 from text_encoder import CLIPTokenizer
@@ -120,30 +123,32 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     x = torch.randn(1, 4, f, h // 8, w // 8, device=pipe.device, dtype=pipe.dtype)
     text = lvd.encode_text(pipe, [lvd.NEGATIVE_PROMPT, DEMO_PROMPT])
     t = torch.tensor(999, device=pipe.device)
-    pipe.unet.fuse_(False)  # the eager rows: no fused kernels either
+    fast.remove(pipe.unet)  # the reference rows: the modules as unet3d.py writes them
     setup = "cuDNN's set-up" + (" and algorithm timing" if torch.backends.cudnn.benchmark else "")
     with torch.no_grad():  # (a) the CFG UNet step, as generate runs it: one latent, [negative, positive]
         first_s = wall_s(lambda: pipe.unet(x, t, text), warmup=False)[0]  # this size's first call: its set-up
-        fl, fl2 = flops(lambda: pipe.unet(x, t, text)), flops(lambda: pipe.unet(torch.cat([x, x]), t, text))
+        fl2 = flops(lambda: pipe.unet(x, t, text))  # the reference repeats the latent, as diffusers
         base_ms, gib = cuda_ms(lambda: pipe.unet(x, t, text), args.runs)
-        row(size, "CFG UNet step (batch 2)", "lvd eager", base_ms, gib,
-            extra=f"{throughput(fl, base_ms, peak)}; {fl / 1e12:.2f} TFLOP run (the text-free prefix once; "
-                  f"{fl2 / 1e12:.2f} on the repeated latent, as diffusers); first call {first_s:.2f} s ({setup})")
-        y_eager = pipe.unet(x, t, text)
-        for fused in (False, True):  # the fast path: CUDA graphs, then also the fused kernels (fused.py)
-            pipe.unet.fuse_(fused)
-            graphed = graphs.Graphed(lambda x, t, text: pipe.unet(x, t, text))
+        row(size, "CFG UNet step (batch 2)", "lvd reference", base_ms, gib,
+            extra=f"{throughput(fl2, base_ms, peak)}; first call {first_s:.2f} s ({setup})")
+        y_ref = pipe.unet(x, t, text)
+        for fused in (False, True):  # the fast layer: CUDA graphs, channels-last, then also the fused kernels
+            fast.apply(pipe.unet, kernels="auto" if fused else None)
+            fl = flops(lambda: pipe.unet(x, t, text))  # the text-free prefix once
+            graphed = fast.Graphed(lambda x, t, text: pipe.unet(x, t, text))
             ms, gib = cuda_ms(lambda: graphed(x, t, text), args.runs)
-            err = rel_err(graphed(x, t, text), y_eager)
+            err = rel_err(graphed(x, t, text), y_ref)
             row(size, "CFG UNet step (batch 2)", FAST[fused], ms, gib,
-                extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager; rel. error to eager {err:.1e}")
+                extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x the reference; {fl / 1e12:.2f} TFLOP run "
+                      f"(the text-free prefix once; {fl2 / 1e12:.2f} on the repeated latent); rel. error to the "
+                      f"reference {err:.1e}")
             del graphed
-        pipe.unet.fuse_(False)
+        fast.remove(pipe.unet)
         if args.compile:
-            fast = torch.compile(pipe.unet, dynamic=False)
-            ms, gib = cuda_ms(lambda: fast(x, t, text), args.runs, warmup=3)
-            row(size, "CFG UNet step (batch 2)", "lvd torch.compile", ms, gib,
-                extra=f"{throughput(fl, ms, peak)}, {base_ms / ms:.2f}x eager")
+            compiled = torch.compile(pipe.unet, dynamic=False)
+            ms, gib = cuda_ms(lambda: compiled(x, t, text), args.runs, warmup=3)
+            row(size, "CFG UNet step (batch 2)", "lvd reference, torch.compile", ms, gib,
+                extra=f"{throughput(fl2, ms, peak)}, {base_ms / ms:.2f}x the reference")
     # (b) one guidance pass
     params = attention.preset("benchmark")
     guide, final_prompt = attention.guidance_for_layout(pipe, DEMO_PROMPT, layout, f, h, w, params)
@@ -161,43 +166,48 @@ def lvd_rows(pipe, layout, f, h, w, args, peak, row):
     ms_off, gib = cuda_ms(official, args.runs)
     row(size, "guidance pass (fwd+bwd, batch 1)", "official approach (full forward, graph kept)", ms_off, gib,
         extra=f"first call {first_s:.2f} s ({setup})")
-    guide.fast = False
     g_ref = guide.loss_and_grad(x, t)[1]
-    for fast, fused in ((False, False), (True, False), (True, True)):
-        guide.fast, tag = fast, FAST[fused].removeprefix("lvd") if fast else ""
-        pipe.unet.fuse_(fused)
+
+    def pass_row(label, note=""):
+        ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
+        note = (f"{ms_off / ms:.2f}x faster than the official approach" if ms < ms_off else
+                f"{ms_off / ms:.2f}x the official speed ({ms / ms_off:.2f}x its time)") + note
+        row(size, "guidance pass (fwd+bwd, batch 1)", label, ms, gib, extra=note)
+    pass_row("lvd reference (truncated, 6 explicit maps)")
+    for mode in ("cheap", "full"):  # the memory modes alone: no graph, no kernels, NCHW
+        fast.apply(pipe.unet, memory=mode, kernels=None, channels_last=False)
+        pass_row(f"lvd memory mode only --checkpointing {mode}")
+    for fused in (False, True):
+        graphed = fast.graph_guidance(guide)
         for mode in ("off", "cheap", "full"):
-            guide.params = dataclasses.replace(params, checkpointing=mode)
-            ms, gib = cuda_ms(lambda: guide.loss_and_grad(x, t), args.runs)
-            label = "lvd" + tag + f" --checkpointing {mode}"
-            if (fast, mode) == (False, "off"):
-                label += " (truncated, 6 explicit maps)"
-            note = f"{ms_off / ms:.2f}x faster than the official approach" if ms < ms_off else \
-                f"{ms_off / ms:.2f}x the official speed ({ms / ms_off:.2f}x its time)"
-            if fast:
-                note += f"; gradient rel. error to eager {rel_err(guide.loss_and_grad(x, t)[1], g_ref):.1e}"
-            row(size, "guidance pass (fwd+bwd, batch 1)", label, ms, gib, extra=note)
-    pipe.unet.fuse_(False)
+            fast.apply(pipe.unet, memory=mode, kernels="auto" if fused else None)
+            graphed.reset()  # a new graph for what the pass now runs
+            err = rel_err(guide.loss_and_grad(x, t)[1], g_ref)
+            pass_row(FAST[fused] + f" --checkpointing {mode}", f"; gradient rel. error to the reference {err:.1e}")
+        graphed.reset()
+        guide.run_pass = guide._pass
+    fast.remove(pipe.unet)
     del guide
     if args.no_video:
         return
     n = args.steps
-    videos = [("lvd --checkpointing off", "off", False), ("lvd fast --checkpointing off", "off", True),
+    videos = [("lvd reference", None, False), ("lvd fast --checkpointing off", "off", True),
               ("lvd fast --checkpointing cheap (the default)", "cheap", True),
               ("lvd fast --checkpointing full", "full", True)]
-    for label, mode, fast in videos:  # (c) 10 x 5 passes forced; no warm-up: each video captures its own graphs
-        forced = dataclasses.replace(params, loss_threshold=-1.0, checkpointing=mode)
+    forced = dataclasses.replace(params, loss_threshold=-1.0)
+    for label, mode, on in videos:  # (c) 10 x 5 passes forced; no warm-up: each video captures its own graphs
         info = {}
         s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, layout, f, h, w, n, guidance=forced, info=info,
-                                                fast=fast), warmup=False)
+                                                fast=on, memory=mode), warmup=False)
         row(size, f"guided video ({n} steps, {5 * min(n, 10)} passes, decode)", label, s=s, gib=gib,
             extra=f"{len(info['guidance_history'])} guidance passes; decode {info['decode_s']:.2f} s")
-    for label, fast in (("lvd", False), ("lvd fast", True)):
+    for label, on in (("lvd reference", False), ("lvd fast", True)):
         info = {}  # (d) an unguided video
-        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, n, info=info, fast=fast),
+        s, gib, _ = wall_s(lambda: lvd.generate(pipe, DEMO_PROMPT, None, f, h, w, n, info=info, fast=on),
                            warmup=False)
         row(size, f"unguided video ({n} steps, decode)", label, s=s, gib=gib,
             extra=f"{info['denoise_s'] / n * 1e3:.1f} ms/step; decode {info['decode_s']:.2f} s")
+    fast.remove(pipe.unet)
 
 
 def diffusers_rows(model_dir, sizes, layout, args, peak, row):
@@ -263,7 +273,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet (slow to compile)")
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                     help="torch.backends.cudnn.benchmark for the whole run, lvd and diffusers alike (the steady "
-                         "state of a batch, batch.py's default; graphs.cudnn_benchmark)")
+                         "state of a batch, batch.py's default; fast.cudnn_benchmark)")
     ap.add_argument("--smoke", action="store_true", help="check this script: the tiny model on the CPU, fp32, "
                     "one run, 2x32x32 (its numbers mean nothing)")
     args = ap.parse_args(argv)
@@ -282,6 +292,8 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     peak = matmul_peak_tflops()
     rows = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
     def row(size, what, impl, ms=None, gib=(None, None), s=None, extra=""):
         rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))
@@ -299,7 +311,7 @@ def main(argv=None):
 
     fmt = lambda v, p: "" if v is None else f"{v:.{p}f}"
     where = "CPU smoke run of the tiny model (numbers mean nothing)" if args.smoke else torch.cuda.get_device_name()
-    lines = [f"# lvd benchmark: {where}, {datetime.date.today()}",
+    lines = [f"# lvd benchmark: {where}, {datetime.date.today()}, commit {commit}",
              "", f"torch {torch.__version__}; {str(args.dtype)[6:]}; {'tiny' if args.smoke else 'real 1.7B'} config, "
              f"random weights; median of "
              f"{args.runs} runs (CUDA events); cudnn.benchmark {args.cudnn_benchmark}; measured bf16 matmul peak "

@@ -18,6 +18,7 @@ Differences:
 Usage: python lvd.py --prompt "A bear walks from the left to the right"   (see --help)
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +32,6 @@ import time
 import numpy as np
 import torch
 
-import graphs
 import planner
 import sampler
 from text_encoder import CLIPTextEncoder, CLIPTokenizer
@@ -103,15 +103,18 @@ def initial_noise(seed, frames, height, width, device, dtype):
 
 def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=40, cfg_scale=9.0,
              negative_prompt=NEGATIVE_PROMPT, seed=0, solver="dpm", guidance=None, latents=None,
-             vae_slice=1, on_step=None, info=None, fast=None):
+             vae_slice=1, on_step=None, info=None, fast=None, memory=None):
     """Sample one video. Returns uint8 frames (f, H, W, 3).
 
     layout:   a planner.Layout; with `guidance` (attention.GuidanceParams) LVD's energy guidance runs.
     latents:  optional initial noise (1, 4, f, H/8, W/8); else drawn from `seed` (see initial_noise).
     on_step:  callable(info dict {'i', 't', 'x', 'x0_pred'}) after each solver step (progress, notebooks).
     info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
-    fast:     replay the CFG step and the guidance pass from CUDA graphs (graphs.py), and run the UNet's norms
-              and GEGLU as fused Triton kernels (fused.py) where Triton is; same results. None: on for CUDA.
+    fast:     the fast layer (fast/): the CFG step and the guidance pass replayed from CUDA graphs, fused Triton
+              kernels where Triton runs, channels-last activations; same results up to rounding. None: on for
+              CUDA. False: the reference modules as they are.
+    memory:   what the guidance pass keeps for its backward: 'off', 'cheap' or 'full' (fast/memory.py); same
+              gradient. None: 'cheap' with `fast`, else 'off' (the reference).
     """
     if height % 8 or width % 8:
         raise LVDError(f"height and width must be multiples of 8, got {height}x{width}")
@@ -119,13 +122,14 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if latents is None:
         latents = initial_noise(seed, frames, height, width, pipe.device, pipe.dtype)
     fast = latents.is_cuda if fast is None else fast
-    pipe.unet.fuse_(fast and latents.is_cuda)
-    pool = graphs.graph_pool() if fast else None  # one memory pool for both graphs (they never run at once)
-    before_step, final_prompt = None, prompt
+    layer = use_fast_layer(pipe.unet, fast, memory)
+    pool = layer.graph_pool() if fast else None  # one memory pool for both graphs (they never run at once)
+    before_step, final_prompt, graphed_pass = None, prompt, None
     if layout is not None and guidance is not None:
         import attention  # the guidance machinery, only needed for guided runs
-        before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width,
-                                                                  guidance, fast, pool)
+        before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width, guidance)
+        if fast:
+            graphed_pass = layer.graph_guidance(before_step, pool)
         info.update(guidance=before_step, guidance_history=before_step.history, prompt_suffixes=before_step.suffixes)
     info["final_prompt"] = final_prompt
     text = encode_text(pipe, [negative_prompt, final_prompt])  # (2, 77, d): negative first (§10)
@@ -133,12 +137,13 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if before_step is not None:
         before_step.cond = cond
 
-    def cfg_unet(x, t, text):  # one latent, two text rows: the text-free prefix runs once (UNet3D.forward)
+    def cfg_unet(x, t, text):  # one latent, two text rows (the fast UNet runs the text-free prefix once)
         with torch.no_grad():
             return pipe.unet(x, t, text)
-    cfg_unet = graphs.Graphed(cfg_unet, fast, pool)
+    if fast:
+        cfg_unet = layer.Graphed(cfg_unet, pool=pool)
 
-    def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2 after the shared prefix
+    def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2
         t = torch.as_tensor(t, device=x.device)
         eps_u, eps_c = cfg_unet(x, t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
         return eps_u + cfg_scale * (eps_c - eps_u)
@@ -146,14 +151,28 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim
     t = time.perf_counter()
     x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
-    cfg_unet.reset()  # the graphs' memory, before the decode
-    if before_step is not None:
-        before_step.drop_graph()
+    for graphed in (cfg_unet, graphed_pass) if fast else ():
+        if graphed is not None:
+            graphed.reset()  # the graphs' memory, before the decode
     info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
     info["latents"] = x0
     frames_u8 = decode(pipe, x0, vae_slice)
     info["decode_s"] = time.perf_counter() - t
     return frames_u8
+
+
+def use_fast_layer(unet, fast, memory=None):
+    """Plug the fast layer into `unet` (fast.apply) or take it out, as `generate`'s `fast` and `memory` say.
+    -> the fast package, or None where the reference runs as it is (then the fast layer is not even imported)."""
+    memory = ("cheap" if fast else "off") if memory is None else memory
+    if not fast and memory in ("off", False):
+        if type(unet) is not UNet3D:  # the fast layer was applied by an earlier call
+            import fast as layer
+            layer.remove(unet)
+        return None
+    import fast as layer
+    layer.apply(unet, memory=memory, kernels="auto" if fast else None, channels_last=bool(fast))
+    return layer
 
 
 @torch.no_grad()
@@ -280,18 +299,18 @@ def add_knob_args(group):
     """The guidance knobs (each overrides the preset's value), --checkpointing and --fast; shared with batch.py."""
     for knob in GUIDANCE_KNOBS:
         group.add_argument("--" + knob.replace("_", "-"), type=float, help=knob_help(knob))
-    group.add_argument("--checkpointing", nargs="?", const="full", default="cheap", choices=["off", "cheap", "full"],
+    group.add_argument("--checkpointing", nargs="?", const="full", choices=["off", "cheap", "full"],
                        help="memory of the guidance pass, same result: 'off' keeps every activation; 'cheap' "
-                            "recomputes norms and activations in the backward (guided 576x320x24 without the fused "
-                            "kernels: 16.6 GiB instead of 20.2, +3.5%% time; with them, as --fast has by default, "
-                            "off and cheap both keep only the norms' inputs: 17.0 GiB); 'full' (the flag alone) "
-                            "checkpoints every block (7.4 GiB, +21%% time)")
+                            "recomputes norms and activations in the backward; 'full' (the flag alone) checkpoints "
+                            "every block (guided 576x320x24 on an H200: 7.7 GiB instead of 16.8, +22%% time). "
+                            "Default: cheap with --fast, off without (the reference as it is)")
     group.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                       help="replay the CFG step and the guidance pass from CUDA graphs and run the norms and "
-                            "GEGLU as fused Triton kernels; the same video up to fp16 rounding (default: on for CUDA)")
+                       help="the fast layer (fast/): CUDA graphs, fused Triton kernels, channels-last activations; "
+                            "the same video up to fp16 rounding. --no-fast runs the reference modules (default: on "
+                            "for CUDA)")
     group.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                        help="let cuDNN time its convolution algorithms at each new shape and keep the fastest "
-                            "(graphs.cudnn_benchmark): UNet calls about 1.5%% faster after a one-off cost on the "
+                            "(fast.cudnn_benchmark): UNet calls about 1.5%% faster after a one-off cost on the "
                             "first calls of a size (default: on for batches, --prompts; off for one video)")
 
 
@@ -377,7 +396,7 @@ def guidance_params(args):
     for k in ("max_iter", "max_index_step"):
         if k in overrides:
             overrides[k] = int(overrides[k])
-    return dataclasses.replace(params, checkpointing=args.checkpointing, **overrides)
+    return dataclasses.replace(params, **overrides)
 
 
 def get_layout(args):
@@ -386,6 +405,17 @@ def get_layout(args):
         return planner.Layout.load(args.layout)
     cache = planner.LayoutCache(args.llm_cache)
     return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled):
+    """fast.cudnn_benchmark where asked for; nothing (and no import of the fast layer) otherwise."""
+    if not enabled:
+        yield
+        return
+    from fast import cudnn_benchmark as benchmark
+    with benchmark(True):
+        yield
 
 
 def check_writable(folder):
@@ -432,10 +462,10 @@ def _main(args):
         pipe = load_pipeline(args.model_dir, args.device, args.dtype, args.model)
         timings["load_s"] = time.perf_counter() - t
         t, info = time.perf_counter(), {}
-        with graphs.cudnn_benchmark(bool(args.cudnn_benchmark)):
+        with cudnn_benchmark(bool(args.cudnn_benchmark)):
             frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,
                               args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
-                              on_step=Progress(args.steps), info=info, fast=args.fast)
+                              on_step=Progress(args.steps), info=info, fast=args.fast, memory=args.checkpointing)
         timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
     except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError, planner.CacheError, ValueError) as e:
         print(f"lvd: error: {e}", file=sys.stderr)

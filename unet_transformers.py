@@ -8,34 +8,36 @@ Official implementation: huggingface/diffusers v0.42.1, src/diffusers/models/tra
 (`Transformer2DModel`), transformers/transformer_temporal.py (`TransformerTemporalModel`), attention.py
 (`BasicTransformerBlock`, `FeedForward`), activations.py (`GEGLU`), attention_processor.py (`Attention`).
 
+The reference, as unet3d.py: the fast layer (fast/transformers.py) swaps in fused forwards of the same modules.
+
 Differences:
-- The spatial attentions go through `attention.attend` (PyTorch SDPA, or explicit probabilities where a store
+- Every attention goes through `attention.attend` (PyTorch SDPA, or explicit probabilities where a store
   wants the map); the module tree spells the checkpoint keys (`to_out.0`, `ff.net.0.proj`, `ff.net.2`).
-- The token reshapes are views of the channels-last activations. The temporal transformer keeps its tokens as
-  (b, f, h·w, c) where `fused` is set, with no permute to (b h w) f c and back: its attention reads each
-  position's f frames in place (the Triton kernel of kernels_attention.py); unfused, one copy in.
-- GroupNorm, LayerNorm and GEGLU's gate take the fused kernels where `fused` is set (UNet3D.fuse_), and under
-  'cheap' GEGLU's gate is recomputed in the backward (memory.recompute).
 - No attention mask, no positional embedding (the temporal transformer of this model has none), inference only.
 
 Glossary: b (batch), f (frames), c (channels), h, w (latent height, width), d (inner width), l (77 text tokens).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fused
 from attention import attend
-from memory import GroupNorm, batch_to_frames, frames_to_batch, recompute
+
+
+def frames_to_batch(x):
+    """(b, c, f, h, w) -> (b·f, c, h, w), frame-major: row b·f + f."""
+    b, c, f, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
+
+
+def batch_to_frames(x, f):
+    """(b·f, c, h, w) -> (b, c, f, h, w); the inverse of frames_to_batch."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // f, f, c, h, w).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
 
 
 class Attention(nn.Module):
-    """q, k, v without bias, `to_out.0` with bias; heads of width 64. `path` is set by the UNet.
-
-    x (b, l, d): attention over the l tokens (`attend`: the spatial self- and cross-attention, and the temporal
-    ones with folded tokens). x (b, f, p, d): a temporal transformer's in-place tokens (set only with `fused`),
-    attended over the f frames at each of the p positions by `fused.Kernels.frame_attention`."""
-    fused = None  # a fused.Kernels (UNet3D.fuse_)
+    """q, k, v without bias, `to_out.0` with bias; heads of width 64. `path` (its module name) is set by the
+    UNet, so that an AttentionStore can ask for this module's probabilities."""
 
     def __init__(self, d, heads, context_dim=None):
         super().__init__()
@@ -44,50 +46,22 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or d, d, bias=False)
         self.to_v = nn.Linear(context_dim or d, d, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Dropout(0.0)])
-        self._joined = fused.Folded(lambda *ws: torch.cat(ws))  # fused: the projections' weights, concatenated
 
     def forward(self, x, context=None, store=None):
-        return self.to_out[0](self.core(x, context, store))
-
-    def projections(self, x, context=None):
-        """q, k, v. Fused: a self-attention's three products as one, with the weights concatenated (q, k, v are
-        then views, rows 3·d apart, which SDPA and the frame kernels read in place); a cross-attention's k, v too."""
-        if self.fused is None:
-            context = x if context is None else context
-            return self.to_q(x), self.to_k(context), self.to_v(context)
-        d = self.to_q.out_features
-        if context is None:
-            return self._qkv(x).split(d, dim=-1)
-        return (self.to_q(x), *F.linear(context, self._joined(self.to_k.weight, self.to_v.weight)).split(d, dim=-1))
-
-    def _qkv(self, x):
-        """Fused self-attention: the one product q | k | v (..., 3·d)."""
-        return F.linear(x, self._joined(self.to_q.weight, self.to_k.weight, self.to_v.weight))
-
-    def core(self, x, context=None, store=None):
-        """The attention before `to_out`: the heads' outputs (..., d)."""
-        if x.ndim == 4 and not (store is not None and store.wants(self.path)):  # in-place temporal tokens
-            return self.fused.frame_attention(self._qkv(x), self.heads)  # (self-attention: context is None)
-        q, k, v = self.projections(x, context)
-        if x.ndim == 3:
-            return attend(q, k, v, self.heads, store, self.path)
-        return fused.frame_attention(q, k, v, self.heads, store, self.path)  # a temporal map to capture: folded
+        """x (b, l, d), context (b, l_ctx, d_ctx) or None (self-attention) -> (b, l, d)."""
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out[0](attend(q, k, v, self.heads, store, self.path))
 
 
 class GEGLU(nn.Module):
-    fused = None  # a fused.Kernels (UNet3D.fuse_): the gate as one fused kernel
-
     def __init__(self, d, inner):
         super().__init__()
         self.proj = nn.Linear(d, 2 * inner)
 
-    def forward(self, x, cheap=False):
-        if self.fused is not None:
-            return self.fused.geglu(self.proj(x))
-        def gated(h):
-            value, gate = h.chunk(2, dim=-1)  # first half value, second half gate (exact GELU)
-            return value * F.gelu(gate)
-        return recompute(gated, self.proj(x), cheap)
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)  # first half value, second half gate
+        return value * F.gelu(gate)  # exact GELU
 
 
 class FeedForward(nn.Module):
@@ -95,72 +69,29 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(d, 4 * d), nn.Dropout(0.0), nn.Linear(4 * d, d)])
 
-    def forward(self, x, cheap=False):
-        return self.net[2](self.hidden(x, cheap))
-
-    def hidden(self, x, cheap=False):
-        """The gated hidden layer (..., 4d), before `net.2`."""
-        return self.net[1](self.net[0](x, cheap))
+    def forward(self, x):
+        return self.net[2](self.net[1](self.net[0](x)))
 
 
 class BasicTransformerBlock(nn.Module):
     """x += attn1(LN1 x); x += attn2(LN2 x, context); x += FF(LN3 x) (§4.9).
 
     Temporal blocks (context_dim None) use attn2 as a second self-attention (double_self_attention).
-
-    Fused (the LayerNorms' `fused` set, UNet3D.fuse_): each residual add runs inside its matrix product
-    (`fused.add_linear`: x + a·Wᵀ, cuBLAS's C + A·B), without the output biases of attn1, attn2 and ff.net.2; the
-    next LayerNorm adds the biases before it, and the block returns x less all three, which the transformer's
-    proj_out folds into its bias (`project_out`). In a backward each residual's gradient joins the LayerNorm's
-    backward kernel (`keep`). Same values (tests/test_fused.py).
     """
 
     def __init__(self, d, heads, context_dim=None):
         super().__init__()
-        self.norm1 = fused.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(d)
         self.attn1 = Attention(d, heads)
-        self.norm2 = fused.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
         self.attn2 = Attention(d, heads, context_dim)
-        self.norm3 = fused.LayerNorm(d)
+        self.norm3 = nn.LayerNorm(d)
         self.ff = FeedForward(d)
-        self._carried = fused.Folded(_running_sums)  # (3, d) fp32: b1, b1 + b2, b1 + b2 + b3
-        self._out_bias = fused.Folded(_folded_bias)
 
-    def forward(self, x, context=None, store=None, cheap=False, own=False):
-        """x (..., d) -> (..., d). `own`: x may be overwritten (the transformer's fresh proj_in output): the fused
-        residual products then write into it where no graph is built (`fused.add_linear`)."""
-        if self.norm1.fused is None:
-            x = x + self.attn1(self.norm1(x), store=store)
-            x = x + self.attn2(self.norm2(x), context, store=store)
-            return x + self.ff(self.norm3(x), cheap)
-        b1, b12, _ = self._carried(*self._biases())
-        x, h = self.norm1(x, keep=True)
-        x = fused.add_linear(x, self.attn1.core(h, store=store), self.attn1.to_out[0], in_place=own)
-        x, h = self.norm2(x, b1, keep=True)  # x: now the block's own
-        x = fused.add_linear(x, self.attn2.core(h, context, store), self.attn2.to_out[0], in_place=True)
-        x, h = self.norm3(x, b12, keep=True)
-        return fused.add_linear(x, self.ff.hidden(h, cheap), self.ff.net[2], in_place=True)
-
-    def _biases(self):
-        return self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, self.ff.net[2].bias
-
-    def project_out(self, proj_out, t):
-        """proj_out(t) of this block's output t; fused, t lacks the three output biases B, so proj_out's bias
-        becomes b + W·B."""
-        if self.norm1.fused is None:
-            return proj_out(t)
-        carried = self._carried(*self._biases())[2]  # a view: its version is the Folded value's
-        return F.linear(t, proj_out.weight, self._out_bias(proj_out.weight, proj_out.bias, carried))
-
-
-def _running_sums(b1, b2, b3):
-    f = torch.promote_types(b1.dtype, torch.float32)
-    return torch.stack([b1.to(f), b2.to(f), b3.to(f)]).cumsum(0)  # (3, d): b1, b1 + b2, b1 + b2 + b3
-
-
-def _folded_bias(weight, bias, carried):
-    f = torch.promote_types(weight.dtype, torch.float32)
-    return torch.addmv(bias.to(f), weight.to(f), carried.to(f)).to(weight.dtype)
+    def forward(self, x, context=None, store=None):
+        x = x + self.attn1(self.norm1(x), store=store)
+        x = x + self.attn2(self.norm2(x), context, store=store)
+        return x + self.ff(self.norm3(x))
 
 
 class Transformer2DModel(nn.Module):
@@ -168,51 +99,37 @@ class Transformer2DModel(nn.Module):
 
     def __init__(self, c, heads, context_dim, groups=32):
         super().__init__()
-        self.norm = GroupNorm(groups, c, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, c)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
         self.proj_out = nn.Linear(c, c)
 
-    def forward(self, x, context, store=None, cheap=False):
+    def forward(self, x, context, store=None):
         bf, c, h, w = x.shape
-        x, t = self.norm(x, keep=True)  # x: the residual's input
-        t = t.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c, a view
-        block = self.transformer_blocks[0]
-        t = block.project_out(self.proj_out, block(self.proj_in(t), context, store, cheap, own=True))
-        t = t.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w, a view
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (b f) c h w -> (b f) (h w) c
+        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), context, store))
+        t = t.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (b f) (h w) c -> (b f) c h w
         return x + t
 
 
 class TransformerTemporalModel(nn.Module):
     """Temporal transformer: tokens are the f frames at one pixel, no positional embedding (§4.7).
 
-    With `fused` set (and its kernels applying to f and the head width) the tokens stay (b, f, h·w, c), a view of
-    the channels-last activations, and the attention reads each position's frames in place; otherwise they are
-    folded to (b h w, f, c), one copy in, the attention of `attention.attend`. Same values (tests/test_fused.py).
-    """
-    fused = None  # a fused.Kernels (UNet3D.fuse_)
+    The GroupNorm runs on the 5-D tensor: its statistics span all frames of a sample."""
 
     def __init__(self, c, heads, head_dim, groups=32):
         super().__init__()
         d = heads * head_dim
-        self.norm = GroupNorm(groups, c, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, d)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(d, heads)])
         self.proj_out = nn.Linear(d, c)
 
-    def forward(self, x, f, store=None, cheap=False):
+    def forward(self, x, f, store=None):
         bf, c, h, w = x.shape
-        b, heads = bf // f, self.transformer_blocks[0].attn1.heads
-        in_place = self.fused is not None and self.fused.in_place_frames(f, self.proj_in.out_features // heads)
-        x, t = self.norm(batch_to_frames(x, f), keep=True)  # 5-D GroupNorm: statistics over all frames
-        if in_place:  # the attention reads the frames in place
-            t = t.permute(0, 2, 3, 4, 1).reshape(b, f, h * w, c)  # b c f h w -> b f (h w) c, a view
-        else:
-            t = t.permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c: the one copy in
-        block = self.transformer_blocks[0]
-        t = block.project_out(self.proj_out, block(self.proj_in(t), store=store, cheap=cheap, own=True))
-        if in_place:
-            t = t.view(b, f, h, w, c).permute(0, 4, 1, 2, 3)  # b f (h w) c -> b c f h w, a view
-        else:
-            t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w, a view
-        return frames_to_batch(x + t)  # the add reads t in x's order (folded: the copy out)
+        b = bf // f
+        x = batch_to_frames(x, f)  # (b f) c h w -> b c f h w
+        t = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, f, c)  # b c f h w -> (b h w) f c
+        t = self.proj_out(self.transformer_blocks[0](self.proj_in(t), store=store))
+        t = t.reshape(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (b h w) f c -> b c f h w
+        return frames_to_batch(x + t)  # b c f h w -> (b f) c h w

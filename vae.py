@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memory import batch_to_frames, frames_to_batch
+from unet_transformers import batch_to_frames, frames_to_batch
 from unet3d import ResnetBlock2D, Upsample2D
 from weights.checkpoint import config_from_json, load_module, pick_weights_file
 

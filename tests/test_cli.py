@@ -73,7 +73,7 @@ def test_memory_modes_give_the_same_video(tiny_model_dir, layout_file, tmp_path)
             for mode in ("off", "cheap", "full")}
     for mode, folder in runs.items():
         run = json.load(open(os.path.join(folder, "run.json")))
-        assert run["guidance_params"]["checkpointing"] == mode and run["guidance_history"]
+        assert run["checkpointing"] == mode and run["guidance_history"]
     off = [np.asarray(Image.open(os.path.join(runs["off"], "frames", f"{k:04d}.png"))) for k in range(4)]
     for mode in ("cheap", "full"):
         other = [np.asarray(Image.open(os.path.join(runs[mode], "frames", f"{k:04d}.png"))) for k in range(4)]

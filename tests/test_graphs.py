@@ -1,8 +1,8 @@
-"""The CUDA-graph fast path (graphs.py) gives what the eager calls give.
+"""The CUDA graphs of the fast layer (fast/graphs.py) give what the eager calls give.
 
 Oracle: the same function run eagerly (`enabled=False`), on the same inputs. The CUDA tests need a GPU: CI has
 none and skips them (they are not counted as run there); they run on the device machine
-(`python -m pytest -q tests/test_graphs.py`, README "verified against"). The CPU tests check the fallback and
+(README: the GPU test command). The CPU tests check the fallback and
 that nothing in the guidance pass needs a host value (the condition for capturing it).
 """
 import pytest
@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import attention as A
-import graphs
+import fast
 import lvd
 import planner
 from sampler import NoiseSchedule
@@ -32,17 +32,19 @@ def _unet(device):
     return UNet3D(cfg).to(device).eval().requires_grad_(False)
 
 
-def _guide(unet, cond, fast, f=3, h=16, w=16, mode="off"):
+def _guide(unet, cond, graphed, f=3, h=16, w=16):
     boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], [(0.55, 0.1, 0.95, 0.45)] * f]
     masks = A.layer_masks(boxes, (h, w))
-    return A.LatentGuidance(unet, cond, masks, [[2], [4, 5]], NoiseSchedule.from_config(SCHEDULE),
-                            A.GuidanceParams(checkpointing=mode), fast=fast,
-                            pool=graphs.graph_pool() if fast else None)
+    guide = A.LatentGuidance(unet, cond, masks, [[2], [4, 5]], NoiseSchedule.from_config(SCHEDULE),
+                             A.GuidanceParams())
+    if graphed:
+        fast.graph_guidance(guide, fast.graph_pool())
+    return guide
 
 
 def test_without_cuda_the_function_runs_directly():
     calls = []
-    g = graphs.Graphed(lambda a, b: calls.append(1) or a + b)
+    g = fast.Graphed(lambda a, b: calls.append(1) or a + b)
     assert torch.equal(g(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
     assert g.stats == {"eager": 1, "captured": 0, "replayed": 0} and calls == [1]
 
@@ -68,16 +70,16 @@ def test_cudnn_benchmark_holds_inside_the_block_and_is_restored():
     old = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        with graphs.cudnn_benchmark(True):
+        with fast.cudnn_benchmark(True):
             assert torch.backends.cudnn.benchmark is True
         assert torch.backends.cudnn.benchmark is False
-        with pytest.raises(RuntimeError), graphs.cudnn_benchmark(True):
+        with pytest.raises(RuntimeError), fast.cudnn_benchmark(True):
             raise RuntimeError("a failed run")
         assert torch.backends.cudnn.benchmark is False
-        with graphs.cudnn_benchmark(False):
+        with fast.cudnn_benchmark(False):
             assert torch.backends.cudnn.benchmark is False
         torch.backends.cudnn.benchmark = True  # a caller's own setting is kept
-        with graphs.cudnn_benchmark(False):
+        with fast.cudnn_benchmark(False):
             assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = old
@@ -87,9 +89,9 @@ def test_the_guidance_pass_needs_no_host_value():
     """Capture fails on any device -> host read (int(t), .item()); on the meta device, which has no values, the
     pass runs end to end and HostTraffic records each such read. (Host -> device copies made inside tensor
     creation, e.g. an index list, do not reach the dispatcher: the CUDA tests below catch those.)"""
-    unet = _unet("cpu").to("meta")
+    unet = fast.apply(_unet("cpu"), memory="cheap", kernels=None).to("meta")  # the reference, and the fast forwards
     cond = torch.randn(1, 77, 32, device="meta")
-    guide = _guide(unet, cond, fast=False)
+    guide = _guide(unet, cond, graphed=False)
     guide._masks_on(torch.device("meta"), torch.float32)  # once per video, before any capture
     with HostTraffic() as mode:
         loss, g, *maps = guide._pass(torch.randn(1, 4, 3, 16, 16, device="meta"), torch.tensor(974, device="meta"),
@@ -111,20 +113,20 @@ def rel(a, b):
 def test_graphed_guidance_pass_equals_the_eager_pass(mode):
     """The oracle is eager itself: the graph must be as close to an eager pass as a second eager pass is (GPU
     backward kernels may add in any order), and within 1e-5 (fp32 rounding) where eager happens to repeat exactly."""
-    unet = _unet("cuda")
+    unet = fast.apply(_unet("cuda"), memory=mode, kernels=None)
     cond = torch.randn(1, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    eager, again, fast = (_guide(unet, cond, fast=k, mode=mode) for k in (False, False, True))
+    eager, again, graphed = (_guide(unet, cond, graphed=k) for k in (False, False, True))
     gen = torch.Generator("cuda").manual_seed(2)
     for k, t in enumerate((999, 974, 949, 924)):  # warm-up, capture + replay, replays with new inputs
         x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=gen)
-        (l0, g0), (l1, g1), (l2, g2) = eager.loss_and_grad(x, t), again.loss_and_grad(x, t), fast.loss_and_grad(x, t)
+        (l0, g0), (l1, g1), (l2, g2) = (guide.loss_and_grad(x, t) for guide in (eager, again, graphed))
         floor = max(10 * rel(g1, g0), 1e-5)
         assert rel(g2, g0) <= floor, (k, rel(g2, g0), rel(g1, g0))
         assert abs(float(l2) - float(l0)) <= max(10 * abs(float(l1) - float(l0)), 1e-5 * abs(float(l0))), k
         for p in A.GUIDED_LAYERS:
-            assert rel(fast.last_maps[p], eager.last_maps[p]) <= max(10 * rel(again.last_maps[p], eager.last_maps[p]),
+            assert rel(graphed.last_maps[p], eager.last_maps[p]) <= max(10 * rel(again.last_maps[p], eager.last_maps[p]),
                                                                      1e-5), (k, p)
-    assert fast._graphed.stats == {"eager": 1, "captured": 1, "replayed": 3}
+    assert graphed.run_pass.stats == {"eager": 1, "captured": 1, "replayed": 3}
 
 
 @cuda
@@ -134,11 +136,12 @@ def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
     noise floor."""
     pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
     layout = planner.plan("A bear walks from the left to the right")  # the shipped example layout
-    params = A.GuidanceParams(loss_threshold=-1.0, checkpointing=mode)  # every guided step runs all 5 iterations
+    params = A.GuidanceParams(loss_threshold=-1.0)  # every guided step runs all 5 iterations
     infos = []
-    for fast in (False, False, True):
+    for on in (False, False, True):  # the reference twice, then the fast layer
         info = {}
-        lvd.generate(pipe, layout.prompt, layout, 2, 64, 64, steps=12, guidance=params, info=info, fast=fast)
+        lvd.generate(pipe, layout.prompt, layout, 2, 64, 64, steps=12, guidance=params, info=info, fast=on,
+                     memory=mode)
         infos.append(info)
     assert len(infos[2]["guidance_history"]) == 50
     (e0, e1, f) = (info["latents"] for info in infos)

@@ -1,17 +1,16 @@
 """The channels-last layout of the UNet's activations: GroupNorm without a copy, what stays channels-last, and
 that the layout changes nothing but speed.
 
-What to read: unet3d.py's docstring ("Differences") and `UNet3D.channels_last_`; memory.py's `group_norm`.
+What to read: fast/__init__.py (`apply(..., channels_last=True)`); fast/memory.py's `group_norm`.
 
-Oracles: torch's own F.group_norm (fp32 and float64, forward and gradients); the same UNet run in the NCHW
-layout (`channels_last_(False)`), which tests/test_unet3d.py ties to diffusers; forward hooks and a
+Oracles: torch's own F.group_norm (fp32 and float64, forward and gradients); the reference UNet (NCHW,
+`fast.remove`), which tests/test_unet3d.py ties to diffusers; forward hooks and a
 TorchDispatchMode that see every module output and every copy on the CPU (the same ops a GPU runs, bar the
 insides of convolutions).
 
 Glossary: b (batch), f (frames), c (channels), h, w (latent height, width), G (groups).
 """
 import collections
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +18,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention as A
-import fused
-from memory import Conv2d, Conv3d, GroupNorm, batch_to_frames, frames_to_batch, group_norm, memory_format
+import fast
+from fast.memory import Conv2d, Conv3d, GroupNorm, batch_to_frames, frames_to_batch, group_norm, memory_format
 from unet3d import UNet3D, UNet3DConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 TINY = dict(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)
 COPIES = ("aten.clone.default", "aten.copy_.default", "aten._to_copy.default")
@@ -38,8 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def unet():
+    """The tiny UNet with the fast layer's channels-last forwards (no fused kernels: their own tests)."""
     torch.manual_seed(0)
-    return UNet3D(UNet3DConfig(**TINY)).eval().requires_grad_(False)
+    return fast.apply(UNet3D(UNet3DConfig(**TINY)).eval().requires_grad_(False), kernels=None)
 
 
 def inputs(b=2, f=3, h=16, w=24, seed=0):
@@ -216,8 +215,8 @@ def test_every_activation_is_channels_last(unet, grad):
 
 
 def test_nchw_layout_is_the_reference_and_gives_the_same_output(unet):
-    """channels_last_(False) is the pre-channels-last forward (NCHW, F.group_norm): the same output and the same
-    guidance gradient; with the weights back in channels-last, the same numbers again."""
+    """The reference (`fast.remove`: NCHW, nn.GroupNorm) gives the channels-last forward's output and guidance
+    gradient; with the fast layer applied again, the same numbers again."""
     x, t, ctx = inputs(seed=3)
     masks = A.layer_masks([[(0.1, 0.2, 0.6, 0.9)] * 3], (16, 24))
     forward = torch.no_grad()(lambda: unet(x, t, ctx))
@@ -228,52 +227,31 @@ def test_nchw_layout_is_the_reference_and_gives_the_same_output(unet):
         return torch.autograd.grad(A.energy(store.maps, masks, [[1, 2]], A.GuidanceParams()), z)[0]
     y_cl, g_cl = forward(), guidance_grad()
     try:
-        unet.channels_last_(False)
-        assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, (Conv2d, Conv3d)))
+        fast.remove(unet)
+        assert all(m.weight.is_contiguous() for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
         y_nchw = []
         outs, ops = walk(unet, lambda: y_nchw.append(forward()))
         assert "aten.native_group_norm.default" in ops.counts  # the NCHW path really ran
         assert all(o.is_contiguous() for p, _, o in outs if isinstance(o, torch.Tensor) and o.ndim == 4)
         g_nchw = guidance_grad()
     finally:
-        unet.channels_last_()
+        fast.apply(unet, kernels=None)
     assert y_cl.is_contiguous() and y_cl.shape == x.shape  # the API: contiguous b c f h w
     assert rel_err(y_cl, y_nchw[0]) <= 1e-5 and rel_err(g_cl, g_nchw) <= 1e-5
     assert torch.equal(forward(), y_cl)
 
 
 def test_weights_are_channels_last_with_unchanged_keys(unet, tiny_model_dir):
-    """At construction, after .half() and after loading (the file is NCHW); keys and shapes as diffusers'."""
+    """After apply (to a new model, a .half() one and a loaded one: the file is NCHW), .half() after apply too;
+    keys and shapes as the reference's (diffusers')."""
     convs = lambda net: [m.weight for m in net.modules() if isinstance(m, (Conv2d, Conv3d))]
-    for net in (unet, UNet3D(UNet3DConfig(**TINY)).half(), UNet3D.from_pretrained(f"{tiny_model_dir}/unet")):
-        assert all(w.is_contiguous(memory_format=CL if w.ndim == 4 else CL3) for w in convs(net))
-    nchw = UNet3D(UNet3DConfig(**TINY)).channels_last_(False)
+    loaded = UNet3D.from_pretrained(f"{tiny_model_dir}/unet")
+    assert all(w.is_contiguous() for w in convs(loaded) or [torch.zeros(1)]) and not convs(loaded)  # the reference
+    for net in (unet, fast.apply(UNet3D(UNet3DConfig(**TINY)).half()), fast.apply(UNet3D(UNet3DConfig(**TINY))).half(),
+                fast.apply(loaded)):
+        assert convs(net) and all(w.is_contiguous(memory_format=CL if w.ndim == 4 else CL3) for w in convs(net))
+    nchw = UNet3D(UNet3DConfig(**TINY))
     assert {k: v.shape for k, v in nchw.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
-
-
-def test_bench_layout_smoke(capsys, monkeypatch):
-    """scripts/bench_layout.py --smoke (the tiny config on the CPU) runs every measurement and the profile."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_layout", f"{ROOT}/scripts/bench_layout.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "median_ms", lambda fn: bench.cuda_ms(fn, 1, 0)[0])  # one run each: checks the code
-    bench.main(["--smoke", "--sizes", "2x16x16"])
-    out = capsys.readouterr().out
-    assert "(i) GroupNorm" in out and "(ii) CFG step" in out and "aten::convolution" in out
-
-
-def test_copy_sources_smoke(capsys):
-    """scripts/copy_sources.py --smoke (the tiny config on the CPU): the guidance pass's copies by autograd node.
-    On the CPU the temporal convolutions' NCDHW round trip shows as clones in _ConvKeepsNoInputBackward."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("copy_sources", f"{ROOT}/scripts/copy_sources.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--smoke"])
-    out = capsys.readouterr().out
-    assert "# copies in one guidance pass" in out and "_ConvKeepsNoInputBackward: clone" in out
-    assert int(out.split("fused=")[1].split(": ")[1].split(" ops")[0]) > 0
 
 
 def test_fused_temporal_transformers_keep_their_tokens_in_place(unet):
@@ -285,10 +263,10 @@ def test_fused_temporal_transformers_keep_their_tokens_in_place(unet):
     with torch.no_grad():
         ys.append(unet(x, t, ctx))
         try:
-            unet.fuse_(kernels=fused.Kernels("torch"))
+            fast.apply(unet, kernels="torch")
             outs, ops = walk(unet, lambda: ys.append(unet(x, t, ctx)))
         finally:
-            unet.fuse_(False)
+            fast.apply(unet, kernels=None)
     temporal = [o for path, cls, o in outs if cls == "Linear" and path.endswith("proj_in") and "attentions" not in path]
     assert temporal and all(o.ndim == 4 for o in temporal)  # transformer_in and temp_attentions: b f (h w) d
     assert "TransformerTemporalModel" not in ops.copies and ops.copies["UNet3D"] == 5, ops.copies

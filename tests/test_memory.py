@@ -1,13 +1,25 @@
-"""memory.py: the convolutions that keep no input, the recompute of cheap work, the mode names (issue 4, 7).
+"""fast/memory.py: the convolutions that keep no input, the recompute of cheap work, the mode names, and the
+memory modes of the guidance pass (`fast.apply(unet, memory=...)`, without kernels or channels-last: each part
+works alone).
 
 Oracles: PyTorch's own autograd on nn.functional.conv2d / conv3d and on the plain function (same gradients,
-bit for bit on the CPU); `torch.autograd.graph.saved_tensors_hooks` for what each node keeps.
+bit for bit on the CPU); `torch.autograd.graph.saved_tensors_hooks` for what each node keeps; the reference UNet's
+untruncated forward with autograd written out (the official recipe) for the modes' gradients.
 """
+import copy
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memory import Conv2d, Conv3d, checkpoint_mode, recompute
+import attention as A
+import fast
+from fast.memory import Conv2d, Conv3d, checkpoint_mode, recompute
+from sampler import NoiseSchedule
+from unet3d import UNet3D, UNet3DConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def kept(fn, x):
@@ -74,3 +86,96 @@ def test_checkpoint_mode_names():
     assert checkpoint_mode(True) == checkpoint_mode("full") == (True, False)
     with pytest.raises(ValueError, match="'off', 'cheap' or 'full'"):
         checkpoint_mode("half")
+
+
+# -----------------------------------------------------------------------------
+# the memory modes of the guidance pass
+
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # ModelScope's DDIM config
+POSITIONS = [[2], [4, 5]]  # object 0 on one token, object 1 on two
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet3D(UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)).eval().requires_grad_(False)
+
+
+def _setup(f, h, w, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, f, h, w, generator=g)
+    cond = torch.randn(1, 77, 32, generator=g)
+    gone = [(0.55, 0.1, 0.95, 0.45)] * (f - 1) + [(0, 0, 0, 0)]  # object 1 leaves in the last frame
+    boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], gone]  # object 0 moves up
+    return x, cond, A.layer_masks(boxes, (h, w))
+
+
+def _official_loss_and_grad(unet, x, t, cond, masks, params):
+    """The official recipe on the reference UNet: full forward (no truncation), energy, autograd."""
+    z = x.detach().clone().requires_grad_(True)
+    store = A.AttentionStore(A.GUIDED_LAYERS)  # truncate=False: up_blocks.3 and conv_out run too
+    with torch.enable_grad():
+        unet(z, t, cond, store=store)
+        loss = A.energy({p: store.maps[p] for p in A.GUIDED_LAYERS}, masks, POSITIONS, params)
+        (g,) = torch.autograd.grad(params.loss_scale * loss, z)
+    return float(loss.detach()), g
+
+
+@pytest.mark.parametrize("mode", ["off", "cheap", "full", True])
+def test_memory_modes_give_the_official_gradient(unet, mode):
+    x, cond, masks = _setup(3, 16, 16)
+    t, params = 974, A.GuidanceParams(loss_scale=5.0)
+    ref_loss, ref_g = _official_loss_and_grad(unet, x, t, cond, masks, params)
+    scale = ref_g.abs().max()
+    fast_unet = fast.apply(copy.deepcopy(unet), memory=mode, kernels=None, channels_last=False)
+    guide = A.LatentGuidance(fast_unet, cond, masks, POSITIONS, NoiseSchedule.from_config(SCHEDULE), params)
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m.path)) for m in fast_unet.modules()
+             if getattr(m, "path", None) in A.GUIDED_LAYERS]
+    try:
+        loss, g = guide.loss_and_grad(x, t)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    full = mode in ("full", True)  # with full checkpointing each layer is recomputed in the backward
+    assert len(calls) == (12 if full else 6), mode
+    # fp32 sums in another order; measured ≤ 2e-7 relative (loss) and ≤ 1e-7 of the largest entry (gradient)
+    assert abs(float(loss) - ref_loss) <= 1e-6 * ref_loss
+    assert (g - ref_g).abs().max() <= 1e-6 * scale, (mode, float((g - ref_g).abs().max() / scale))
+    x_new, _ = guide.step(x, t)
+    alpha_bar = float(torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)[t])
+    assert torch.allclose(x_new, x - math.sqrt(1 - alpha_bar) * ref_g, atol=1e-6 * scale)
+
+
+def saved_bytes(unet, x, cond, masks, mode):
+    """Bytes of the activations one guidance pass keeps for its backward (weights excluded), and the gradient."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    store = A.AttentionStore(A.GUIDED_LAYERS, truncate=True)
+    z = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(z, 974, cond, store=store, checkpoint=mode)
+        loss = A.energy(store.maps, masks, POSITIONS, A.GuidanceParams())
+    return sum(seen.values()), torch.autograd.grad(loss, z)[0]
+
+
+def test_cheap_recompute_keeps_less_for_the_backward(unet):
+    """'cheap' drops the saved outputs of GroupNorm -> SiLU and of GEGLU's gate (recomputed in the backward):
+    counted on the full config, 15.71 -> 11.95 GiB at 576x320x24 (results/perf-notes.md)."""
+    x, cond, masks = _setup(3, 16, 16)
+    fast_unet = fast.apply(copy.deepcopy(unet), kernels=None, channels_last=False)
+    off, g_off = saved_bytes(fast_unet, x, cond, masks, "off")
+    cheap, g_cheap = saved_bytes(fast_unet, x, cond, masks, "cheap")
+    full, g_full = saved_bytes(fast_unet, x, cond, masks, "full")
+    assert torch.equal(g_cheap, g_off) and (g_full - g_off).abs().max() <= 1e-6 * g_off.abs().max()
+    assert cheap <= 0.85 * off, (cheap, off)  # measured 0.79 on this config (deterministic: a byte count)
+    assert full <= 0.5 * cheap, (full, cheap)  # measured 0.04
+    with pytest.raises(ValueError, match="'off', 'cheap' or 'full'"):
+        fast.apply(fast_unet, memory="half")

@@ -22,7 +22,7 @@ from diffusers import UNet3DConditionModel  # test-only reference; a missing dif
 from safetensors.torch import load_file, save_file
 
 from attention import AttentionStore
-from memory import batch_to_frames, frames_to_batch
+from unet_transformers import batch_to_frames, frames_to_batch
 from unet3d import UNet3D
 
 TINY = dict(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32, layers_per_block=2, norm_num_groups=32)

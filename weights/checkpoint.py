@@ -3,25 +3,41 @@
 What to read: `modelscope-architecture.md` §2 (files and sizes), §6–§8 (keys and shapes), and the
 style guide §4.6 ("loud, accountable loading").
 
+What it reads: `config.json` into a config dataclass, and one `.safetensors` file into a module built
+from that config. Tensor bytes are read by the `safetensors` library (`safe_open` / `get_tensor`),
+straight onto the target device.
+
 Official implementation: diffusers `ModelMixin.from_pretrained` (modeling_utils.py) and transformers
 `PreTrainedModel.from_pretrained`; both are far more general and far more permissive than this.
 
 Differences:
-- The safetensors file is parsed here (8-byte header length, JSON header, raw data), so that
-  * the key set and every shape are checked *before* anything is allocated,
-  * a missing, truncated or corrupt file gives a one-line error that names the file,
-  * each tensor is read with `readinto` straight into a buffer of its own dtype: no mmap pages
-    and no second copy, so peak memory stays near one copy of the file.
-- Modules are built on the meta device and filled with `load_state_dict(strict=True, assign=True)`.
+- The safetensors header is parsed and checked here (`read_header`) *before* the module's weights are
+  allocated: strict key set (missing and unexpected tensors listed), every shape, floating vs integer
+  dtypes, two file keys renamed onto one module key, a missing, truncated or corrupt file. Every such
+  problem, and any safetensors error while reading, is a one-line CheckpointError naming the file
+  (and the tensor, where there is one).
+- Modules are built on the meta device with their initialisers skipped (`_meta_build`): the values are
+  never read, and some meta initialisers (normal_, erfinv_, clamp_) are Python decompositions whose
+  first call imports torch._dynamo (~1-2 s of a start-up). Then `load_state_dict(strict=True, assign=True)`.
+- Each tensor keeps the memory format the module was built with (e.g. channels_last convolutions) and
+  is converted to `dtype` (floating tensors only) on the target device, one tensor at a time.
+- CPU loads use safetensors' `pread` backend where it exists (safetensors >= 0.8): every tensor is read
+  into memory of its own, so peak RSS stays near one copy of the file and the module does not depend
+  on the file afterwards. Older safetensors memory-maps the file (default backend): tensors that need
+  no conversion then stay views of the mapping (zero copy; the file must not be rewritten in place
+  while the module lives, which the downloader never does: it renames finished files into place).
 - Renames are one declarative table per model (`rename(key) -> key or None`); None drops a key on
   purpose. Nothing is ever loaded with strict=False.
 """
+import contextlib
 import dataclasses
 import json
 import os
 import warnings
 
 import torch
+from safetensors import SafetensorError, safe_open
+from torch.overrides import TorchFunctionMode
 
 # safetensors dtype names -> torch dtypes (the subset a diffusion checkpoint can hold)
 _DTYPES = {
@@ -123,8 +139,9 @@ def read_header(path):
         entries[key] = (dtype, shape, (begin, end))
         data_end = max(data_end, end)
     if 8 + n + data_end > size:
-        raise CheckpointError(f"{path}: truncated file: the header needs {8 + n + data_end} bytes, the file has {size}"
-                              " (an interrupted download? fetch it again)")
+        cut = min((k for k, e in entries.items() if 8 + n + e[2][1] > size), key=lambda k: entries[k][2][0])
+        raise CheckpointError(f"{path}: truncated file: tensor {cut} ends at byte {8 + n + entries[cut][2][1]}, "
+                              f"the file has {size} (an interrupted download? fetch it again)")
     return entries, 8 + n
 
 
@@ -146,9 +163,47 @@ def pick_weights_file(folder, stem, dtype):
 
 
 # -----------------------------------------------------------------------------
+# building on the meta device
+
+# In-place writes that only set values (every torch.nn.init initialiser and the Tensor methods they use):
+# on a meta tensor there are no values, so skipping them changes nothing but the time taken.
+_VALUE_WRITES = frozenset(
+    {n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")}
+    | {"uniform_", "normal_", "fill_", "zero_", "random_", "bernoulli_", "exponential_", "geometric_",
+       "log_normal_", "cauchy_", "erfinv_", "copy_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_",
+       "clamp_max_", "fill_diagonal_", "masked_fill_", "index_fill_"})
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Value-only in-place writes (torch.nn.init.*, Tensor.normal_, ...) on a meta tensor return it unchanged.
+
+    Shapes, dtypes and strides are untouched; any other call, and any call on a real tensor, runs as usual.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _VALUE_WRITES:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _meta_build():
+    """Modules built inside have meta tensors and skip initialisation; both modes are popped on exit.
+
+    A torch function mode, not a patch of torch.nn.init or of reset_parameters: it is thread-local and
+    scoped, so nothing outside this block (another thread, an exception) ever sees a changed function.
+    """
+    with torch.device("meta"), _SkipMetaInit():
+        yield
+
+
+# -----------------------------------------------------------------------------
 # strict loading
 
-def _diff_message(path, missing, unexpected, misshaped):
+def _diff_message(path, missing, unexpected, misshaped, wrong_kind):
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} tensors: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
@@ -158,21 +213,15 @@ def _diff_message(path, missing, unexpected, misshaped):
         parts.append(f"tensor {key}: expected shape {list(want)}, found {list(got)}")
     if len(misshaped) > 6:
         parts.append(f"... and {len(misshaped) - 6} more mis-shaped tensors")
+    for key, found, want in wrong_kind[:6]:
+        parts.append(f"tensor {key}: dtype {found}, expected {want} tensor")
+    if len(wrong_kind) > 6:
+        parts.append(f"... and {len(wrong_kind) - 6} more tensors of the wrong dtype kind")
     return f"{path}: does not fit the model: " + "; ".join(parts)
 
 
-def load_module(build, path, rename=None, device=None, dtype=None):
-    """Build a module on the meta device and fill it strictly from a safetensors file.
-
-    build: a zero-argument callable returning the nn.Module (called under the meta device).
-    rename: callable mapping a file key to a module key, or None to drop it on purpose.
-    Floating tensors are read in the file's dtype and converted tensor by tensor to `dtype`.
-    """
-    device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        module = build()
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    entries, offset = read_header(path)
+def _match(path, entries, meta, rename):
+    """{module key: file key} for a file header and a module's (meta) state dict, or a CheckpointError."""
     mapped = {}  # module key -> file key
     for fkey in entries:
         mkey = rename(fkey) if rename else fkey
@@ -180,31 +229,77 @@ def load_module(build, path, rename=None, device=None, dtype=None):
             raise CheckpointError(f"{path}: tensors {mapped[mkey]} and {fkey} both map to {mkey}")
         if mkey is not None:
             mapped[mkey] = fkey
-    missing = sorted(k for k in expected if k not in mapped)
-    unexpected = sorted(mapped[k] for k in mapped if k not in expected)
-    misshaped = [(k, expected[k], entries[mapped[k]][1]) for k in sorted(expected)
-                 if k in mapped and entries[mapped[k]][1] != expected[k]]
-    state_dtypes = {k: v.dtype for k, v in module.state_dict().items()}
-    for k in sorted(k for k in expected if k in mapped):
-        if _DTYPES[entries[mapped[k]][0]].is_floating_point != state_dtypes[k].is_floating_point:
-            raise CheckpointError(f"{path}: tensor {mapped[k]} has dtype {entries[mapped[k]][0]}, "
-                                  f"expected a {'floating' if state_dtypes[k].is_floating_point else 'integer'} tensor")
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_diff_message(path, missing, unexpected, misshaped))
+    missing = sorted(k for k in meta if k not in mapped)
+    unexpected = sorted(mapped[k] for k in mapped if k not in meta)
+    both = sorted(k for k in meta if k in mapped)
+    misshaped = [(mapped[k], tuple(meta[k].shape), entries[mapped[k]][1]) for k in both
+                 if entries[mapped[k]][1] != tuple(meta[k].shape)]
+    kind = lambda floating: "a floating" if floating else "an integer"
+    wrong_kind = [(mapped[k], entries[mapped[k]][0], kind(meta[k].is_floating_point())) for k in both
+                  if _DTYPES[entries[mapped[k]][0]].is_floating_point != meta[k].is_floating_point()]
+    if missing or unexpected or misshaped or wrong_kind:
+        raise CheckpointError(_diff_message(path, missing, unexpected, misshaped, wrong_kind))
+    return mapped
 
-    state = {}
-    order = sorted(expected, key=lambda k: entries[mapped[k]][2][0])  # sequential reads
-    with open(path, "rb") as fh:
-        for key in order:
-            dt, shape, (begin, end) = entries[mapped[key]]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            fh.seek(offset + begin)
-            if fh.readinto(buf.numpy()) != end - begin:
-                raise CheckpointError(f"{path}: truncated while reading tensor {mapped[key]}")
-            t = buf.view(_DTYPES[dt]).reshape(shape)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            state[key] = t.to(device)
+
+def _memory_format(t):
+    """The memory format a (meta) tensor was built in: channels_last(_3d) where its strides say so."""
+    if not t.is_contiguous():
+        for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if t.dim() == ndim and t.is_contiguous(memory_format=fmt):
+                return fmt
+    return torch.contiguous_format
+
+
+def _open(path, device):
+    """safe_open onto `device` ("cpu" or "cuda:N"); on the CPU with the pread backend where it exists."""
+    if device == "cpu":
+        try:
+            return safe_open(path, framework="pt", device=device, backend="pread")
+        except TypeError:  # safetensors < 0.8 has no backend argument: memory map
+            pass
+    return safe_open(path, framework="pt", device=device)
+
+
+def _one_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def load_module(build, path, rename=None, device=None, dtype=None):
+    """Build a module on the meta device and fill it strictly from a safetensors file.
+
+    build: a zero-argument callable returning the nn.Module (called under `_meta_build`: meta device,
+    initialisers skipped). rename: callable mapping a file key to a module key, or None to drop it on purpose.
+    Tensors are read straight onto `device` (cpu or cuda; another device type reads on the CPU and moves);
+    floating tensors are converted to `dtype` there, tensor by tensor. Returns the module in eval mode with
+    requires_grad off.
+    """
+    device = torch.device(device or "cpu")
+    with _meta_build():
+        module = build()
+    meta = module.state_dict()
+    entries, _ = read_header(path)  # every check before any weight is allocated
+    mapped = _match(path, entries, meta, rename)
+    read_on = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}" \
+        if device.type == "cuda" else "cpu"
+    state, fkey = {}, None
+    try:
+        with _open(path, read_on) as fh:
+            for key in sorted(mapped, key=lambda k: entries[mapped[k]][2][0]):  # file order
+                fkey = mapped[key]
+                t = fh.get_tensor(fkey)
+                fmt = _memory_format(meta[key])
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype, memory_format=fmt)
+                else:
+                    t = t.contiguous(memory_format=fmt)  # no copy unless the module wants another layout
+                state[key] = t.to(device)  # no-op unless read on the CPU for another device type
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        where = f"tensor {fkey}" if fkey else "the file"
+        raise CheckpointError(f"{path}: cannot read {where}: {_one_line(e)}") from None
     module.load_state_dict(state, strict=True, assign=True)
     for b_name, b in list(module.named_buffers()):  # non-persistent buffers stay on meta: none expected
         if b.is_meta:

@@ -11,7 +11,7 @@ diffusers' GEGLU (models/activations.py) eagerly. Same values: the functions bel
 PyTorch, computed in fp32 and rounded once to the input's dtype; kernels.py computes the same and is tested
 against them, and they against the eager modules (tests/test_fused.py).
 
-How: `UNet3D.fuse_()` gives one `Kernels` to every GroupNorm, LayerNorm and GEGLU module of the UNet (not the VAE);
+How: `fast.apply(unet)` gives one `Kernels` to every GroupNorm, LayerNorm and GEGLU module of the UNet (not the VAE);
 their forward then calls `_Norm` / `_GEGLU`, autograd Functions for frozen weights whose backward is a kernel too
 and which keep only the input and the (n, groups) statistics (what the 'cheap' memory mode keeps by hand).
 With the kernels on, the resnets and temporal convolutions run their convolutions without bias and fold it into
@@ -43,7 +43,7 @@ def available():
     if not torch.cuda.is_available():
         return False
     try:
-        import kernels  # imports triton
+        from fast import kernels  # imports triton
     except ImportError:
         return False
     try:
@@ -169,6 +169,14 @@ def add_linear(x, a, linear, in_place=False):
     return torch.addmm(x2, a2, linear.weight.t()).view(x.shape)
 
 
+def folded(module, name, fn):
+    """The `Folded` of fn kept on `module` under `name`, made on first use (`fast.remove` drops it)."""
+    value = module.__dict__.get(name)
+    if value is None:
+        value = module.__dict__[name] = Folded(fn)
+    return value
+
+
 class Folded:
     """A tensor computed from frozen parameters (biases folded into another op), recomputed when any of them
     changes (a weight load gives new storage or bumps the in-place version counter). Recomputed values are
@@ -276,17 +284,16 @@ class _FrameAttention(torch.autograd.Function):
 
 
 class Kernels:
-    """The fused functions for the modules of one model (`UNet3D.fuse_`): backend 'triton' (kernels.py, the fast
+    """The fused functions for the modules of one model (`fast.apply`): backend 'triton' (kernels.py, the fast
     path) or 'torch' (the same math in plain PyTorch above: the reference, and what runs without Triton)."""
 
     def __init__(self, backend="triton"):
         if backend == "triton":
-            import kernels
+            from fast import kernels, kernels_attention
             self.gn, self.gn_bwd = kernels.group_norm_fwd, kernels.group_norm_bwd
             self.ln, self.ln_bwd = kernels.layer_norm_fwd, kernels.layer_norm_bwd
             self.geglu_fwd, self.geglu_bwd = kernels.geglu_fwd, kernels.geglu_bwd
             self.add_fwd = kernels.add_bias
-            import kernels_attention
             self.frames = kernels_attention
         elif backend == "torch":
             self.gn, self.gn_bwd = norm_forward, _group_norm_backward

@@ -18,8 +18,10 @@ Three tools, for a pass whose weights are frozen (only the latents need a gradie
 
 The layout (for speed, any pass): `GroupNorm` / `group_norm` normalise a channels-last tensor ((b f) h w c or
 b f h w c in memory) without copying it to NCHW, which PyTorch's CUDA GroupNorm does; `memory_format(x)` names a
-tensor's layout, and the convolutions' input gradient keeps it (tests/test_layout.py); `frames_to_batch` and
-`batch_to_frames` fold a video's frames into the batch and back, as views in that layout.
+tensor's layout, and the convolutions' input gradient keeps it (tests/test_layout.py); the reference's
+`frames_to_batch` and `batch_to_frames` fold a video's frames into the batch and back, as views in that layout.
+
+`fast.apply` swaps these classes in for the UNet's nn.Conv2d, nn.Conv3d and nn.GroupNorm (same parameters, keys).
 
 Glossary: x (an activation), w (a frozen weight), g (the gradient arriving from above).
 """
@@ -27,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from unet_transformers import batch_to_frames, frames_to_batch  # noqa: F401 (the folds: views in channels-last too)
 
 
 class _ConvKeepsNoInput(torch.autograd.Function):
@@ -157,7 +161,7 @@ def group_norm(x, groups, weight, bias, eps):
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters, same keys) through `group_norm`: channels-last in, channels-last out.
-    With `fused` (a fused.Kernels, set by UNet3D.fuse_) a channels-last x goes through the fused kernel."""
+    With `fused` (a fused.Kernels, set by fast.apply) a channels-last x goes through the fused kernel."""
     fused = None
 
     def forward(self, x, keep=False):
@@ -167,18 +171,3 @@ class GroupNorm(nn.GroupNorm):
             y = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             return (x, y) if keep else y
         return y
-
-
-# -----------------------------------------------------------------------------
-# video folds (frame-major: row b·f + f); views both ways between channels-last (b f) c h w and channels_last_3d
-
-def frames_to_batch(x):
-    """(b, c, f, h, w) -> (b·f, c, h, w)."""
-    b, c, f, h, w = x.shape
-    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
-
-
-def batch_to_frames(x, f):
-    """(b·f, c, h, w) -> (b, c, f, h, w); the inverse of frames_to_batch."""
-    bf, c, h, w = x.shape
-    return x.reshape(bf // f, f, c, h, w).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
