@@ -93,7 +93,7 @@ def timed(fn, device):
     return y, time.perf_counter() - t0
 
 
-def compare(ref, ours, dtype, shapes, ctx_dim, device, rows, ref_outputs):
+def compare(ref, ours, dtype, shapes, ctx_dim, device, rows, ref_outputs, path="reference"):
     """Run both models on every shape in `dtype`; append one result row per shape."""
     bk = backend(device, dtype)
     for i, shape in enumerate(shapes):
@@ -104,11 +104,11 @@ def compare(ref, ours, dtype, shapes, ctx_dim, device, rows, ref_outputs):
         assert y.shape == y_ref.shape == x.shape, (y.shape, y_ref.shape)
         err = rel_err(y, y_ref)
         ok = bool(torch.isfinite(y_ref).all()) and err <= THRESH[dtype]
-        rows.append(dict(shape="×".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
+        rows.append(dict(path=path, shape="×".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
                          backend=bk.name, err=err, thresh=THRESH[dtype], ok=ok, std=y_ref.float().std().item(),
                          maxabs=(y.float() - y_ref.float()).abs().max().item(), ms=(1e3 * t_ref, 1e3 * t_ours)))
         ref_outputs[(shape, dtype)] = y_ref.float().cpu()
-        print(f"{rows[-1]['shape']:>10} {rows[-1]['dtype']:>8} {bk.name:>20} rel err {err:.3e} "
+        print(f"{path:>9} {rows[-1]['shape']:>10} {rows[-1]['dtype']:>8} {bk.name:>20} rel err {err:.3e} "
               f"(<= {THRESH[dtype]:.0e}) {'PASS' if ok else 'FAIL'}  ref out std {rows[-1]['std']:.3f}", flush=True)
 
 
@@ -117,24 +117,42 @@ def report(rows, extra, args, device, n_params, seconds):
     lines = [
         f"# UNet3D vs diffusers UNet3DConditionModel, {'tiny' if args.tiny else 'real 1.7B'} config, random weights",
         "",
-        f"- device: {gpu}; date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- device: {gpu}; date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"commit {commit()}",
+        "- paths: `reference` (unet3d.py as it is) and `fast` (`fast.apply`: fused kernels where Triton runs, "
+        "channels-last, the shared prefix; eager, no CUDA graph)",
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}",
         f"- parameters: {n_params:,}; weights saved as fp16 (`variant=\"fp16\"`), fp32 = both sides upcast from fp16;"
         " TF32 off; batch 1, timestep 500, 77 random context tokens",
         f"- wall time {seconds:.0f} s"
         + (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""),
         "",
-        "| latent f×h×w | dtype | SDPA backend | rel L2 err | threshold | result | ref output std | max abs err |"
-        " ref / ours ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| path | latent f×h×w | dtype | SDPA backend | rel L2 err | threshold | result | ref output std |"
+        " max abs err | ref / ours ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['backend']} | {r['err']:.2e} | {r['thresh']:.0e} | "
+        lines.append(f"| {r['path']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['err']:.2e} | {r['thresh']:.0e} | "
                      f"{'PASS' if r['ok'] else 'FAIL'} | {r['std']:.3f} | {r['maxabs']:.2e} | "
                      f"{r['ms'][0]:.0f} / {r['ms'][1]:.0f} |")
     lines += ["", "For scale (not a pass criterion): diffusers fp16 vs diffusers fp32 on the same weights:"]
     lines += [f"- {s}: rel L2 {e:.2e}" for s, e in extra]
     return "\n".join(lines) + "\n"
+
+
+def commit():
+    import subprocess
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "unknown"
+
+
+def both_paths(ref, ours, dtype, shapes, ctx_dim, device, rows, outs):
+    """The reference, then the fast layer plugged into the same modules, then the reference again."""
+    import fast
+    compare(ref, ours, dtype, shapes, ctx_dim, device, rows, outs)
+    fast.apply(ours)
+    compare(ref, ours, dtype, shapes, ctx_dim, device, rows, {}, path="fast")
+    fast.remove(ours)
 
 
 def main():
@@ -168,13 +186,13 @@ def main():
         print(f"saved fp16 checkpoint to {folder}", flush=True)
         ours = UNet3D.from_pretrained(folder, device=device, dtype=torch.float16)
         assert sum(p.numel() for p in ours.parameters()) == n_params
-        compare(ref, ours, torch.float16, shapes, cfg["cross_attention_dim"], device, rows, outs)
+        both_paths(ref, ours, torch.float16, shapes, cfg["cross_attention_dim"], device, rows, outs)
         del ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
         ref.float()  # the fp16 values, upcast
         ours = UNet3D.from_pretrained(folder, device=device, dtype=torch.float32)  # the fp16 file, upcast
-        compare(ref, ours, torch.float32, shapes, cfg["cross_attention_dim"], device, rows, outs)
+        both_paths(ref, ours, torch.float32, shapes, cfg["cross_attention_dim"], device, rows, outs)
     for shape in shapes:
         extra.append(("×".join(map(str, shape)), rel_err(outs[(shape, torch.float16)], outs[(shape, torch.float32)])))
 

@@ -5,10 +5,10 @@ Usage (CUDA, real 1.7B config, random weights, fp16): python scripts/profile_une
 Prints, per size, the median ms of the CFG step (batch 2) and the truncated guidance pass (batch 1), and the
 share of CUDA time per kernel category (matmul, convolution, attention, normalisation, elementwise, copies)
 from torch.profiler, with the ten most expensive kernels. Used to pick the optimisations in
-results/perf-notes.md; it is a measuring tool, not a benchmark (bench.py is). Its first run (H200, 2026-12-01,
-the NCHW code of that day) is results/profile-h200.md. --variants also times cuDNN/efficient attention, CUDA
-graphs, the temporal convolution's layouts, bf16 and channels-last weights; --diffusers times diffusers' CFG step
-and the official guidance pass. It also prints the CPU time to issue each call (near the GPU time: launch-bound).
+results/perf-notes.md; it is a measuring tool, not a benchmark (bench.py is). --fast profiles the fast layer
+(`fast.apply`: fused kernels, channels-last, 'cheap'; eager, no CUDA graph, so the kernels show one by one);
+--diffusers times diffusers' CFG step and the official guidance pass. It also prints the CPU time to issue each
+call (near the GPU time: launch-bound).
 """
 import argparse
 import os
@@ -28,7 +28,7 @@ from bench import cuda_ms  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 CATEGORIES = [  # (category, regex over the kernel name), first match wins
-    ("fused (kernels.py)", r"^_(chunk_stats|group_affine|scale_shift|chunk_grad_sums|grad_coefficients|norm_grad|"
+    ("fused (fast/kernels.py)", r"^_(chunk_stats|group_affine|scale_shift|chunk_grad_sums|grad_coefficients|norm_grad|"
                            r"layer_norm|geglu|add|frames|linear)"),
     ("attention", r"flash|fmha|attention|softmax|cudnn.*sdpa|mha"),
     ("convolution", r"conv|implicit|wgrad|dgrad|fprop|winograd|nhwc|nchw"),
@@ -67,7 +67,7 @@ def issue_ms(fn, runs=5):
 
 def profile(fn, label, top=12, ops=0):
     """Kernel time per category and the `top` kernels; with `ops`, also the `ops` aten ops whose own kernels
-    take the most time (scripts/copy_sources.py follows each copy kernel up its chain of ops)."""
+    take the most time."""
     from torch.profiler import ProfilerActivity, profile as prof
     fn()
     torch.cuda.synchronize()
@@ -101,18 +101,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16x256x256,24x320x576")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--variants", action="store_true", help="also time channels-last, cuDNN attention, CUDA graphs")
-    ap.add_argument("--compile", action="store_true", help="with --variants: also time torch.compile")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers (CFG step, official guidance pass)")
-    ap.add_argument("--fused", action="store_true", help="profile with the fused kernels on (UNet3D.fuse_)")
+    ap.add_argument("--fast", action="store_true", help="profile the fast layer (fast.apply), eagerly")
     ap.add_argument("--top", type=int, default=12, help="how many of the most expensive kernels to list")
     ap.add_argument("--ops", type=int, default=0, help="also list this many aten ops by their kernels' time")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet3D(UNet3DConfig()).half().eval().requires_grad_(False)
-    if args.fused:
-        unet.fuse_(True)
+    if args.fast:
+        import fast
+        fast.apply(unet)
     for size in args.sizes.split(","):
         f, h, w = (int(v) for v in size.split("x"))
         x = torch.randn(1, 4, f, h // 8, w // 8, device="cuda", dtype=torch.half)
@@ -147,8 +146,6 @@ def main(argv=None):
         if not args.no_profile:
             profile(cfg_step, f"{size} CFG step (batch 2)", args.top, args.ops)
             profile(guidance_pass, f"{size} guidance pass (batch 1)", args.top, args.ops)
-        if args.variants:
-            variants(unet, cfg_step, guidance_pass, x, t, ctx, args.compile)
         if args.diffusers:
             ref = diffusers_unet(unet)
             from official_guidance import install, official_pass
@@ -164,50 +161,6 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
 
-def temporal_conv_micro(x):
-    """One level-0 temporal conv (3,1,1) at the CFG step's shape, four ways: forward, and forward + input backward."""
-    import torch.nn.functional as F
-    b, _, f, h, w = x.shape
-    c = 320
-    wt = torch.randn(c, c, 3, 1, 1, device="cuda", dtype=torch.half) * 0.02
-    src = torch.randn(2 * f, c, h, w, device="cuda", dtype=torch.half)  # (b f) c h w, as the UNet holds it
-    nhwc = src.to(memory_format=torch.channels_last)  # (b f) h w c in memory
-
-    def as_5d(y):  # (b f) c h w -> b c f h w
-        return y.reshape(2, f, c, h, w).permute(0, 2, 1, 3, 4)
-
-    def conv3d_ncdhw(y):
-        return F.conv3d(as_5d(y).contiguous(), wt, padding=(1, 0, 0))
-
-    def conv3d_view(y):
-        return F.conv3d(as_5d(y), wt, padding=(1, 0, 0))
-
-    def conv3d_cl(y):  # nhwc view: b c f h w with strides of b f h w c = channels_last_3d
-        return F.conv3d(as_5d(y), wt.to(memory_format=torch.channels_last_3d), padding=(1, 0, 0))
-
-    def three_gemms(y):  # b f (h w) c tokens; out_f = sum_k x_{f+k-1} W_k^T
-        tok = y.permute(0, 2, 3, 1).reshape(2, f, h * w, c)
-        pad = F.pad(tok, (0, 0, 0, 0, 1, 1))
-        out = pad[:, 1:-1] @ wt[:, :, 1, 0, 0].t()
-        out = out + pad[:, :-2] @ wt[:, :, 0, 0, 0].t()
-        return out + pad[:, 2:] @ wt[:, :, 2, 0, 0].t()
-
-    for name, fn, inp in (("conv3d NCDHW (copy in)", conv3d_ncdhw, src), ("conv3d permuted view", conv3d_view, src),
-                          ("conv3d channels-last-3d", conv3d_cl, nhwc), ("3 GEMMs on NHWC tokens", three_gemms, nhwc)):
-        try:
-            with torch.no_grad():
-                ms = median_ms(lambda: fn(inp))
-            z = inp.detach().requires_grad_(True)
-
-            def fb():
-                y = fn(z)
-                return torch.autograd.grad(y, z, torch.ones_like(y))[0]
-            ms_b = median_ms(fb)
-            print(f"  temporal conv micro {tuple(src.shape)}: {name}: fwd {ms:.2f} ms, fwd+bwd {ms_b:.2f} ms", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  temporal conv micro {name}: failed {type(e).__name__}: {str(e)[:200]}")
-
-
 def diffusers_unet(unet):
     from diffusers import UNet3DConditionModel
     from gpu_parity_unet import REAL
@@ -215,93 +168,6 @@ def diffusers_unet(unet):
         ref = UNet3DConditionModel(**REAL).half().eval().requires_grad_(False)
     ref.load_state_dict(unet.state_dict())
     return ref
-
-
-def variants(unet, cfg_step, guidance_pass, x, t, ctx, compile_too=False):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    for name, bk in (("cudnn attention", SDPBackend.CUDNN_ATTENTION), ("efficient attention", SDPBackend.EFFICIENT_ATTENTION)):
-        try:
-            with sdpa_kernel([bk, SDPBackend.FLASH_ATTENTION]):
-                print(f"  {name}: CFG step {median_ms(cfg_step):.1f} ms, guidance {median_ms(guidance_pass):.1f} ms", flush=True)
-        except Exception as e:  # noqa: BLE001 (exploration)
-            print(f"  {name}: failed {type(e).__name__}: {str(e)[:200]}")
-    # CUDA graph of the CFG step
-    try:
-        x2 = torch.cat([x, x])
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):
-                unet(x2, t, ctx)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), torch.no_grad():
-            out = unet(x2, t, ctx)
-        print(f"  CUDA graph: CFG step {median_ms(g.replay):.1f} ms", flush=True)
-        del g, out
-    except Exception as e:  # noqa: BLE001
-        print(f"  CUDA graph: failed {type(e).__name__}: {str(e)[:200]}")
-    torch.cuda.empty_cache()
-    temporal_conv_micro(x)
-    # bf16 (same kernels family; fp16 is the default)
-    try:
-        unet.bfloat16()
-        xb, cb = x.bfloat16(), ctx.bfloat16()
-        with torch.no_grad():
-            ms = median_ms(lambda: unet(torch.cat([xb, xb]), t, cb))
-        print(f"  bf16: CFG step {ms:.1f} ms", flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f"  bf16: failed {type(e).__name__}: {str(e)[:200]}")
-    unet.half()
-    # channels-last everywhere: every conv weight channels-last (2-D) / channels-last-3d (Conv3d), input too
-    try:
-        for m in unet.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
-            elif isinstance(m, torch.nn.Conv3d):
-                m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
-        print(f"  channels-last 2-D + 3-D conv weights: CFG step {median_ms(cfg_step):.1f} ms, "
-              f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
-        profile(cfg_step, "channels-last CFG step")
-    except Exception as e:  # noqa: BLE001
-        print(f"  channels-last all: failed {type(e).__name__}: {str(e)[:300]}")
-    unet.channels_last_(False)  # NCHW, to time the 2-D-only variant below
-    # channels-last 2-D convolutions
-    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    for m in convs:
-        m.weight.data = m.weight.data.to(memory_format=torch.channels_last)
-    print(f"  channels-last conv2d weights: CFG step {median_ms(cfg_step):.1f} ms, "
-          f"guidance {median_ms(guidance_pass):.1f} ms", flush=True)
-    unet.channels_last_()  # back to the default layout
-    # CUDA graph of the whole guidance pass (forward + autograd.grad)
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                guidance_pass()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = guidance_pass()
-        print(f"  CUDA graph: guidance pass {median_ms(g.replay):.1f} ms", flush=True)
-        del g, out
-    except Exception as e:  # noqa: BLE001
-        print(f"  CUDA graph (guidance): failed {type(e).__name__}: {str(e)[:300]}")
-    if not compile_too:
-        return
-    try:
-        import time as _t
-        t0 = _t.perf_counter()
-        fast = torch.compile(unet, dynamic=False)
-        with torch.no_grad():
-            fast(torch.cat([x, x]), t, ctx)
-        c_s = _t.perf_counter() - t0
-        with torch.no_grad():
-            ms = median_ms(lambda: fast(torch.cat([x, x]), t, ctx))
-        print(f"  torch.compile: CFG step {ms:.1f} ms (compile {c_s:.0f} s)", flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f"  torch.compile: failed {type(e).__name__}: {str(e)[:200]}")
 
 
 if __name__ == "__main__":

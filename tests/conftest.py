@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 import pytest
 import torch
 
-# Without CUDA, Triton kernels (kernels.py, tests/test_fused.py) run in Triton's interpreter on the CPU. Triton reads
+# Without CUDA, Triton kernels (fast/kernels.py, tests/test_fused.py) run in Triton's interpreter on the CPU. Triton reads
 # this when it is first imported, so it is set here, before any test imports it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
