@@ -269,6 +269,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40, help="denoising steps of the whole-video measurements")
     ap.add_argument("--out", default="results/bench.md")
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--no-lvd", action="store_true", help="only diffusers' rows (to join with a run of lvd's rows)")
     ap.add_argument("--no-video", action="store_true", help="skip the whole-video measurements (c), (d)")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet (slow to compile)")
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
@@ -299,11 +300,12 @@ def main(argv=None):
         rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))
         print(f"{size} | {what} | {impl} | {ms} ms | {gib} GiB | {s} s | {extra}", file=sys.stderr, flush=True)
 
-    pipe = lvd.load_pipeline(model_dir, args.device, args.dtype)
     layout = planner.plan(DEMO_PROMPT)  # the shipped example layout (no LLM needed)
-    for f, h, w in sizes:
-        lvd_rows(pipe, layout, f, h, w, args, peak, row)
-    del pipe
+    if not args.no_lvd:
+        pipe = lvd.load_pipeline(model_dir, args.device, args.dtype)
+        for f, h, w in sizes:
+            lvd_rows(pipe, layout, f, h, w, args, peak, row)
+        del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not args.no_diffusers:
