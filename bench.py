@@ -293,8 +293,9 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     peak = matmul_peak_tflops()
     rows = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    commit = os.environ.get("LVD_COMMIT") or subprocess.run(  # LVD_COMMIT: for a copy without .git (a GPU machine)
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
     def row(size, what, impl, ms=None, gib=(None, None), s=None, extra=""):
         rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))

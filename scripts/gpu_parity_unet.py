@@ -142,6 +142,8 @@ def report(rows, extra, args, device, n_params, seconds):
 
 def commit():
     import subprocess
+    if os.environ.get("LVD_COMMIT"):  # a copy without .git (a GPU machine)
+        return os.environ["LVD_COMMIT"]
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return out.stdout.strip() or "unknown"
 
