@@ -12,9 +12,8 @@ Differences:
 - One attention function, `attend`, serves every attention module. It runs fused SDPA unless the store
   passed to the UNet forward wants this module's map; then it materialises softmax(q·kᵀ/√e), stores it and
   uses it. Captures are keyed by module path, not by the official tuple ("up", 2, 2, 0). No globals.
-- Phrase positions are matched on whole BPE tokens, not by a character search in the joined token string,
-  so 'ball' no longer matches inside 'football</w>' (§10.7). The plural fallback is a small rule set
-  (`plural`) instead of the `inflect` library. Added suffixes are returned so runs can record them (§10.9).
+- Phrase -> token positions (§3.4) live in tokens.py, the attention grids in outputs.py; both are re-exported
+  here (`resolve_tokens`, `save_attention_grid`).
 - The guidance forward stops after the last guided layer (up_blocks.3 and conv_out are never computed;
   they do not feed the energy, so the gradient is unchanged).
 - The pass reads no host value (top-k sizes from shapes, token columns by slices, the masks' terms made once),
@@ -29,13 +28,14 @@ lam_com (λ), tau (τ), s (loss scale), z (latents), alpha_bar (ᾱ_t).
 """
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from outputs import save_attention_grid  # noqa: F401 (the grids of LatentGuidance.last_maps)
+from tokens import plural, refine_phrase, resolve_tokens  # noqa: F401 (§3.4: phrase -> token positions)
 
 log = logging.getLogger(__name__)
 
@@ -137,77 +137,6 @@ def layer_masks(boxes, latent_hw, paths=GUIDED_LAYERS):
         out[path] = torch.stack([torch.stack([box_mask(b.tolist(), h, w) for b in per_obj]) for per_obj in boxes]) \
             if len(boxes) else torch.zeros(0, boxes.shape[1], h, w)
     return out
-
-
-# -----------------------------------------------------------------------------
-# phrase -> token positions (§3.1, §3.4)
-
-_IRREGULAR = {"man": "men", "woman": "women", "person": "people", "child": "children", "mouse": "mice",
-              "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen", "fish": "fish", "sheep": "sheep",
-              "deer": "deer", "leaf": "leaves", "knife": "knives", "wife": "wives", "wolf": "wolves",
-              "shelf": "shelves", "loaf": "loaves", "life": "lives", "calf": "calves", "half": "halves",
-              "potato": "potatoes", "tomato": "tomatoes", "hero": "heroes", "cactus": "cacti"}
-
-
-def plural(word):
-    """English plural of one noun, replacing `inflect.plural` (§10.18). Rules, in order:
-    a short irregular table (man -> men, person -> people, fish -> fish, leaf -> leaves, ...);
-    -s/-x/-z/-ch/-sh -> +es (bus -> buses, box -> boxes); consonant + y -> -ies (puppy -> puppies);
-    otherwise +s (car -> cars, cat -> cats, bird -> birds, ball -> balls, dog -> dogs, toy -> toys)."""
-    low = word.lower()
-    if low in _IRREGULAR:
-        return _IRREGULAR[low] if word == low else word[0] + _IRREGULAR[low][1:]  # keep a capital
-    if low.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    if len(low) > 1 and low.endswith("y") and low[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
-
-
-def refine_phrase(prompt, phrase):
-    """The form of `phrase` found in `prompt` as a whole word (case-sensitive, \\b), or None (§3.4):
-    the phrase, then it with digits/spaces stripped ('car 2' -> 'car'), its last word, that word's plural."""
-    stripped = phrase.strip("0123456789 ")
-    last = stripped.split()[-1] if stripped.split() else stripped
-    for cand in (phrase, stripped, last, plural(last) if last else ""):
-        if cand and re.search(r"\b" + re.escape(cand) + r"\b", prompt):
-            return cand
-    return None
-
-
-def _find_tokens(tokenizer, prompt, phrase):
-    """Positions (in the 77-token sequence; 0 = start token) of the first whole-token occurrence, or None."""
-    seq, sub = tokenizer.tokens(prompt), tokenizer.tokens(phrase)  # BPE strings, e.g. 'bear</w>', no start/end
-    for i in range(len(seq) - len(sub) + 1 if sub else 0):
-        if seq[i:i + len(sub)] == sub:
-            return [1 + i + j for j in range(len(sub))]
-    return None
-
-
-def resolve_tokens(tokenizer, prompt, background, phrases, max_len=77):
-    """-> (final_prompt, positions per phrase, suffixes added), the prompt the text encoder sees (§3.1).
-
-    First `, {background} background` is appended (if non-empty); then each phrase is refined and looked up
-    on whole tokens; a phrase not found gets `| phrase` appended (no space before the bar, as the official),
-    and later phrases are looked up in the extended prompt. `tokenizer.tokens(text)` gives BPE strings.
-    """
-    final, suffixes, positions = prompt, [], []
-    if background and background.strip():
-        suffixes.append(f", {background} background")
-        final += suffixes[-1]
-    for phrase in phrases:
-        found = refine_phrase(final, phrase)
-        pos = _find_tokens(tokenizer, final, found) if found is not None else None
-        if pos is None:
-            suffixes.append("| " + phrase)
-            final += suffixes[-1]
-            log.warning("phrase %r not in the prompt: appended %r (the text encoder sees %r)", phrase, suffixes[-1], final)
-            pos = _find_tokens(tokenizer, final, phrase)
-        if not pos or pos[-1] > max_len - 2:  # the end token must still fit in the 77
-            raise ValueError(f"resolve_tokens: phrase {phrase!r} has no tokens within the first {max_len - 2} "
-                             f"of prompt {final!r}")
-        positions.append(pos)
-    return final, positions, suffixes
 
 
 # -----------------------------------------------------------------------------
@@ -448,45 +377,3 @@ def guidance_for_layout(pipe, prompt, layout, frames, height, width, params):
     masks = layer_masks(boxes, (height // 8, width // 8))
     guide = LatentGuidance(pipe.unet, None, masks, positions, pipe.schedule, params, names, suffixes)
     return guide, final
-
-
-# -----------------------------------------------------------------------------
-# visualisation
-
-def save_attention_grid(maps, masks, token_positions, names, path_prefix, cell=64):
-    """One PNG per object, `{path_prefix}_{o}_{name}.png`: rows = layers, columns = frames; each cell is the
-    map averaged over heads and the object's tokens (scaled by the row's maximum, upsampled nearest) with
-    the mask's box outlined in red. maps/masks as for `energy`. Returns the written paths."""
-    from PIL import Image, ImageDraw
-    paths = list(maps)
-    h_max = max(masks[p].shape[-2] for p in paths)
-    w_max = max(masks[p].shape[-1] for p in paths)
-    s = max(1, round(cell / h_max))
-    ch, cw, margin = h_max * s, w_max * s, 56
-    written = []
-    for o, (pos, name) in enumerate(zip(token_positions, names)):
-        f = masks[paths[0]].shape[1]
-        img = Image.new("RGB", (margin + f * (cw + 2), len(paths) * (ch + 2)), (255, 255, 255))
-        draw = ImageDraw.Draw(img)
-        for r, path in enumerate(paths):
-            h, w = masks[path].shape[-2:]
-            avg = maps[path][..., pos].float().mean((1, 3)).reshape(f, h, w).detach().cpu()  # f n (h w) p -> f h w
-            avg = avg / avg.max().clamp(min=1e-12)
-            short = path.replace("_blocks.", "").replace(".attentions.", ".").split(".transformer")[0]
-            draw.text((2, r * (ch + 2) + ch // 2 - 5), short, fill=(0, 0, 0))
-            for k in range(f):
-                tile = Image.fromarray((avg[k].numpy() * 255).astype(np.uint8)).resize((cw, ch), Image.NEAREST)
-                x0, y0 = margin + k * (cw + 2), r * (ch + 2)
-                img.paste(tile.convert("RGB"), (x0, y0))
-                ys, xs = torch.nonzero(masks[path][o, k] > 0, as_tuple=True)
-                if len(ys):
-                    sy, sx = ch / h, cw / w
-                    draw.rectangle([x0 + int(xs.min()) * sx, y0 + int(ys.min()) * sy,
-                                    x0 + (int(xs.max()) + 1) * sx - 1, y0 + (int(ys.max()) + 1) * sy - 1],
-                                   outline=(255, 0, 0))
-        out = f"{path_prefix}_{o}_{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-') or 'object'}.png"
-        tmp = out + ".tmp.png"
-        img.save(tmp)
-        os.replace(tmp, out)  # atomic
-        written.append(out)
-    return written

@@ -20,20 +20,16 @@ Usage: python lvd.py --prompt "A bear walks from the left to the right"   (see -
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
-import platform
-import re
-import shutil
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import planner
 import sampler
+from outputs import draw_boxes, run_name, save_gif, save_run, versions  # noqa: F401 (lvd.save_run etc.)
 from text_encoder import CLIPTextEncoder, CLIPTokenizer
 from unet3d import UNet3D
 from vae import VAEDecoder
@@ -181,77 +177,6 @@ def decode(pipe, latents, slice_size=1):
     video = pipe.vae.decode_video(latents, slice_size)  # (1, 3, f, H, W) in [-1, 1]
     video = (video[0].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)  # 3 f H W -> f H W 3
     return (video * 255).to(torch.uint8).cpu().numpy()  # truncation, as diffusers' export_to_video
-
-
-# -----------------------------------------------------------------------------
-# outputs: one folder per run, written to a temporary folder and renamed into place
-
-def draw_boxes(frames, layout):
-    """Draw the layout's boxes and names over uint8 frames (f, H, W, 3); returns PIL images."""
-    from PIL import Image, ImageDraw
-    f, H, W, _ = frames.shape
-    colors = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
-    images = []
-    objects = layout.object_boxes(f)  # [(id, name, (f, 4) normalised xyxy, zeros where absent)]
-    for k in range(f):
-        im = Image.fromarray(frames[k]).convert("RGB")
-        d = ImageDraw.Draw(im)
-        for n, (_, name, boxes) in enumerate(objects):
-            x0, y0, x1, y1 = (float(v) for v in boxes[k])
-            if x1 <= x0 or y1 <= y0:
-                continue
-            c = colors[n % len(colors)]
-            px0, py0 = min(max(x0 * W, 0), W - 1), min(max(y0 * H, 0), H - 1)  # a box clipped to < 1 px
-            d.rectangle([px0, py0, max(px0, min(x1 * W, W) - 1), max(py0, min(y1 * H, H) - 1)], outline=c, width=2)
-            d.text((x0 * W + 3, y0 * H + 2), name, fill=c)
-        images.append(im)
-    return images
-
-
-def save_gif(images, path, fps=8):
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-
-
-def save_run(out_root, name, frames, settings, layout=None, extra=None):
-    """Write video.gif, frames/NNNN.png, run.json (+ layout.json, layout.gif) atomically; return the folder.
-
-    extra: optional callable(folder) that writes more files into the run folder before it is renamed into place."""
-    from PIL import Image
-    os.makedirs(out_root, exist_ok=True)
-    final = os.path.join(out_root, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=out_root)
-    try:
-        images = [Image.fromarray(fr) for fr in frames]
-        save_gif(images, os.path.join(tmp, "video.gif"))
-        os.makedirs(os.path.join(tmp, "frames"))
-        for k, im in enumerate(images):
-            im.save(os.path.join(tmp, "frames", f"{k:04d}.png"))
-        if layout is not None:
-            layout.save(os.path.join(tmp, "layout.json"))
-            save_gif(draw_boxes(frames, layout), os.path.join(tmp, "layout.gif"))
-        with open(os.path.join(tmp, "run.json"), "w") as fh:
-            json.dump(settings, fh, indent=2, default=str)
-        if extra is not None:
-            extra(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def run_name(prompt, seed):
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "video"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}_{slug}_s{seed}"
-
-
-def versions():
-    import safetensors
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "safetensors": safetensors.__version__,
-            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 class Progress:
@@ -481,10 +406,10 @@ def _main(args):
                     guidance_history=info.get("guidance_history"), timings_s=timings)
     extra = None
     if args.save_attention and info.get("guidance") is not None and info["guidance"].last_maps:
-        import attention
+        from outputs import save_attention_grid
         g = info["guidance"]
-        extra = lambda folder: attention.save_attention_grid(g.last_maps, g.masks, g.token_positions, g.names,
-                                                              os.path.join(folder, "attention"))
+        extra = lambda folder: save_attention_grid(g.last_maps, g.masks, g.token_positions, g.names,
+                                                   os.path.join(folder, "attention"))
     t = time.perf_counter()
     try:
         folder = save_run(args.out, run_name(args.prompt, args.seed), frames, settings, layout, extra)

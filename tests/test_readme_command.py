@@ -212,3 +212,10 @@ def test_readme_shows_the_figures_and_their_command():
     for name in ("docs/figures/demo_layout.png", "docs/figures/demo_layout_16.gif"):
         assert name in text, f"README.md does not show {name}"
     assert "python scripts/readme_figures.py" in text
+
+
+def test_readme_stays_short():
+    """The README is for users: at most 12 KB (the full verification tables live in docs/verification.md)."""
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= 12 * 1024, size
+    assert (ROOT / "docs" / "verification.md").exists()

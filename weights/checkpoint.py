@@ -295,9 +295,7 @@ def load_module(build, path, rename=None, device=None, dtype=None):
                 else:
                     t = t.contiguous(memory_format=fmt)  # no copy unless the module wants another layout
                 state[key] = t.to(device)  # no-op unless read on the CPU for another device type
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
+    except (SafetensorError, OSError) as e:  # the file, not torch: a device or memory error stays itself
         where = f"tensor {fkey}" if fkey else "the file"
         raise CheckpointError(f"{path}: cannot read {where}: {_one_line(e)}") from None
     module.load_state_dict(state, strict=True, assign=True)
