@@ -18,7 +18,7 @@ With the kernels on, the resnets and temporal convolutions run their convolution
 the next fused op: the next GroupNorm's add (with the time embedding) or the residual add (`Kernels.add`); the
 temporal transformers keep their (b, f, h·w, c) tokens in place and attend over f through `Kernels.frame_attention`
 (kernels_attention.py; `frame_attention` below is its math through `attention.attend`, results/perf-notes.md,
-fifth session).
+2026-12-02).
 Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
 ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
 (dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
@@ -161,7 +161,7 @@ def add_linear(x, a, linear, in_place=False):
     """x + a·Wᵀ for `linear` (nn.Linear, its bias left out: the caller carries it), in one matrix product
     (cuBLAS's C + A·B epilogue) instead of the product and an add: x (..., d), a (..., k) -> (..., d).
     With `in_place` and no graph being built (the CFG step), written into x: an out-of-place addmm first copies x
-    to its output (a device-to-device copy of the whole activation; results/perf-notes.md, seventh session)."""
+    to its output (a device-to-device copy of the whole activation; results/perf-notes.md, 2026-12-03)."""
     d = linear.out_features
     x2, a2 = x.reshape(-1, d), a.reshape(-1, a.shape[-1])  # ... d -> (...) d, a view of a contiguous x
     if in_place and x.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)):

@@ -29,7 +29,7 @@ _FLAT = 2048  # elements per program in the elementwise kernels
 _BLOCK_S, _BLOCK_C = 32, 64  # the GroupNorm statistics' tiles: rows × channels (128 contiguous bytes in fp16)
 _PROGRAMS = 1024  # about this many programs in a GroupNorm statistics grid (the H200 has 132 SMs)
 _STATS_WARPS = 4  # warps per GroupNorm statistics program
-_GRAD_BLOCK_S, _GRAD_PROGRAMS, _GRAD_WARPS = 16, 1024, 2  # the backward gradient sums (bench_groupnorm.py --backward)
+_GRAD_BLOCK_S, _GRAD_PROGRAMS, _GRAD_WARPS = 16, 1024, 2  # the backward gradient sums (swept 2026-12-03, results/perf-notes.md)
 _MERGE = 2048  # partials per tile in the merge kernels
 
 

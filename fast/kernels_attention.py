@@ -3,7 +3,7 @@ forward and backward, read in place from the channels-last token order (b, f, p,
 
 What to read: `fused.frame_attention` (the same math through PyTorch SDPA, the reference these kernels are tested
 against, tests/test_fused.py); modelscope-architecture.md §4.7 (the temporal transformer: tokens are the f frames at
-one pixel); results/perf-notes.md (fifth session: why a kernel of our own).
+one pixel); results/perf-notes.md (2026-12-02: why a kernel of our own).
 
 Official implementation: diffusers' TransformerTemporalModel permutes the activations to (b h w) f c, a copy in
 and one out, and runs SDPA, whose flash kernels tile the 16- or 24-long sequences to 64 or 128. Deliberate

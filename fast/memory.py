@@ -3,7 +3,7 @@ channels-last memory layout of the UNet's activations.
 
 What to read: `lvd-method.md` §4.6 (the guidance pass: a cond-only UNet forward whose graph is kept, then
 ∇_z of the energy) and §10.15 (the official code keeps the whole fp16 graph, with no memory savings);
-results/perf-notes.md (what each mode keeps, counted by scripts/saved_activations.py).
+results/perf-notes.md (what each mode keeps, counted on 2026-12-01 by a script since removed).
 
 Official implementation: none; the official `latent_backward_guidance` (models/pipelines.py) runs a plain
 forward. Every piece here gives the same gradient (tests/test_memory.py, tests/test_guidance.py).
