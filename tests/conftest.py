@@ -11,6 +11,9 @@ SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +28,16 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny random model folder in the published diffusers layout (weights/make_tiny.py), made once per session."""
     from weights.make_tiny import make_tiny
     return make_tiny(str(tmp_path_factory.mktemp("tiny-model")), seed=0, fp16_variants=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed_rngs():
+    """Every test starts from the same RNG state (torch, numpy, random), so no test depends on what the tests run
+    before it left behind: a test's random inputs, and so its measured errors, are the same in any order."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    yield
 
 
 @pytest.fixture(scope="module")
