@@ -70,7 +70,8 @@ def run_case(case, gn, ln, ff, x4, add, f):
     return value_and_grad(fn, x4)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["float64", "float32"])
+# max rel measured (CPU): float64 3.3e-16 (1e-12 ≫ 5x); float32 2.0e-7 (GroupNorm+SiLU): 1.5e-6 = 7x
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1.5e-6)], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CASES)
 def test_reference_math_equals_the_eager_modules(case, dtype, tol):
     """In float64 the math runs in float64 (fp32 for fp32 and fp16 inputs): a sharp check of every formula."""
@@ -131,11 +132,14 @@ def test_group_norm_kernels_equal_the_reference(triton_kernels, monkeypatch, n, 
     w, b, g = w.to(device), b.to(device), g.to(device)
     y, mean, rstd = kernels.group_norm_fwd(x, w, b, a, groups, 1e-5, silu)
     y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, a, groups, 1e-5, silu)
+    # Triton interpreter (CPU), fp32: measured ≤ 1.7e-7 (y, mean, rstd); 1e-6 = 5.9x
     assert rel(y, y_ref) <= 1e-6 and rel(mean, mean_ref.flatten(1)) <= 1e-6 and rel(rstd, rstd_ref.flatten(1)) <= 1e-6
     dx = kernels.group_norm_bwd(g, x, w, b, a, mean, rstd, groups, silu)
+    # Triton interpreter (CPU), fp32: measured ≤ 1.8e-7; 1e-6 = 5.6x
     assert rel(dx, fused.norm_backward(g, x, w, b, a, mean_ref, rstd_ref, groups, silu)) <= 1e-6
     r = torch.randn(n, s, c, generator=gen).to(device)  # + the gradient of a residual path that read x
     dx = kernels.group_norm_bwd(g, x, w, b, a, mean, rstd, groups, silu, r)
+    # Triton interpreter (CPU), fp32: measured ≤ 4.3e-8; 1e-6 = 23x
     assert rel(dx, fused.norm_backward(g, x, w, b, a, mean_ref, rstd_ref, groups, silu) + r) <= 1e-6
 
 
@@ -169,19 +173,25 @@ def test_layer_norm_and_geglu_kernels_equal_the_reference(triton_kernels, rows, 
     w, b = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
     y, mean, rstd = kernels.layer_norm_fwd(x, w, b, 1e-5)
     y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, None, 0, 1e-5, False)
-    assert rel(y, y_ref) <= 1e-6
+    assert rel(y, y_ref) <= 1e-6  # Triton interpreter (CPU), fp32: measured ≤ 1.3e-7; 1e-6 = 7.5x
     dx_ref = fused.norm_backward(g, x, w, b, None, mean_ref, rstd_ref, 0, False)
+    # Triton interpreter (CPU), fp32: measured ≤ 8.6e-8; 1e-6 = 11x
     assert rel(kernels.layer_norm_bwd(g, x, w, b, mean, rstd), dx_ref) <= 1e-6
     h = torch.randn(2, rows, 2 * c, generator=gen).to(device)
     gh = torch.randn(2, rows, c, generator=gen).to(device)
+    # Triton interpreter (CPU), fp32: measured ≤ 1.0e-7; 1e-6 = 9.8x
     assert rel(kernels.geglu_fwd(h), fused.geglu_forward(h)) <= 1e-6
+    # Triton interpreter (CPU), fp32: measured ≤ 2.1e-8; 1e-6 = 47x
     assert rel(kernels.geglu_bwd(gh, h), fused.geglu_backward(gh, h)) <= 1e-6
+    # Triton interpreter (CPU), fp32: measured 0
     assert rel(kernels.add_bias(x, g, w), fused.add_forward(x, g, w)) <= 1e-6
     add, r = torch.randn(c, generator=gen).to(device), torch.randn(1, rows, c, generator=gen).to(device)
     y, mean, rstd = kernels.layer_norm_fwd(x, w, b, 1e-5, add)  # LayerNorm(x + add), add (c,) over every row
     y_ref, mean_ref, rstd_ref = fused.norm_forward(x, w, b, add.view(1, 1, c), 0, 1e-5, False)
+    # Triton interpreter (CPU), fp32: measured ≤ 9.0e-8; 1e-6 = 11x
     assert rel(y, y_ref) <= 1e-6 and rel(y_ref, fused.norm_forward(x + add, w, b, None, 0, 1e-5, False)[0]) <= 1e-6
     dx_ref = fused.norm_backward(g, x, w, b, add.view(1, 1, c), mean_ref, rstd_ref, 0, False) + r
+    # Triton interpreter (CPU), fp32: measured ≤ 5.7e-8; 1e-6 = 17x
     assert rel(kernels.layer_norm_bwd(g, x, w, b, mean, rstd, add, r), dx_ref) <= 1e-6  # + a residual's gradient
 
 
@@ -203,20 +213,24 @@ def test_frame_attention_kernels_equal_the_reference(triton_kernels, b, f, p, he
     qkv = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = fused.frame_attention(*qkv, heads)
     grads_ref = torch.autograd.grad(ref, qkv, g)
+    # Triton interpreter (CPU), fp32: measured ≤ 2.5e-7; 1e-5 = 39x
     assert rel(frames.frame_attention_fwd(q, k, v, heads, block), ref.detach()) <= 1e-5
     for d, d_ref in zip(frames.frame_attention_bwd(g, q, k, v, heads, block), grads_ref):
-        assert rel(d, d_ref) <= 1e-5
+        assert rel(d, d_ref) <= 1e-5  # Triton interpreter (CPU), fp32: measured ≤ 1.0e-6; 1e-5 = 9.8x
     joined = torch.cat([q, k, v], dim=-1)  # views of one qkv product, rows 3·D apart: read in place
     views = joined.split(heads * e, dim=-1)
     assert frames.rows_apart(*views) == 3 * heads * e and frames.rows_apart(q, k, v) == heads * e
+    # Triton interpreter (CPU), fp32: measured ≤ 2.5e-7; 1e-5 = 39x
     assert rel(frames.frame_attention_fwd(*views, heads, block), ref.detach()) <= 1e-5
     for d, d_ref in zip(frames.frame_attention_bwd(g, *views, heads, block), grads_ref):
-        assert rel(d, d_ref) <= 1e-5
+        assert rel(d, d_ref) <= 1e-5  # Triton interpreter (CPU), fp32: measured ≤ 1.0e-6; 1e-5 = 9.8x
     packed = frames.frame_attention_bwd(g, *views, heads, block, packed=True)  # d(q|k|v), one tensor
+    # Triton interpreter (CPU), fp32: measured ≤ 9.8e-7; 1e-5 = 10x
     assert packed.shape == joined.shape and rel(packed, torch.cat(grads_ref, dim=-1)) <= 1e-5
     qkv_in = joined.clone().requires_grad_(True)  # the autograd function: ∂L/∂qkv packed, no concatenation
     out = fused._FrameAttention.apply(qkv_in, heads, frames)
-    assert rel(out, ref.detach()) <= 1e-5
+    assert rel(out, ref.detach()) <= 1e-5  # Triton interpreter (CPU), fp32: measured ≤ 2.4e-7; 1e-5 = 42x
+    # Triton interpreter (CPU), fp32: measured ≤ 9.8e-7; 1e-5 = 10x
     assert rel(torch.autograd.grad(out, qkv_in, g)[0], torch.cat(grads_ref, dim=-1)) <= 1e-5
     assert frames.rows_apart(q, k.transpose(1, 2).contiguous().transpose(1, 2), v) is None  # another layout
     assert not frames.supports(65, 64) and not frames.supports(24, 40) and not frames.supports(24, 8)
@@ -231,6 +245,7 @@ def test_temporal_attention_folds_the_frames_for_a_wanted_map():
     x = torch.randn(2, 5, 6, 32)  # b f p d
     store = A.AttentionStore(paths=("temporal",))
     out = attn(x, store=store)
+    # measured 1.3e-7 (CPU, fp32); 1e-6 = 8x
     assert rel(out, attn(x)) <= 1e-6 and store.maps["temporal"].shape == (2 * 6, 2, 5, 5)
 
 
@@ -257,18 +272,20 @@ def test_fused_block_carries_the_output_biases(temporal):
         return value_and_grad(lambda z: block.project_out(proj_out, block(z, ctx)), x)
 
     (y0, g0), (y1, g1) = run(None), run(fused.Kernels("torch"))
-    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12
+    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12  # float64: measured ≤ 6.7e-16; 1e-12 = 1500x
     with torch.no_grad():  # no graph: the residual products write in place, into x only where the block owns it
         x0 = x.clone()
+        # float64: measured ≤ 6.7e-16; 1e-12 = 1500x
         assert rel(block.project_out(proj_out, block(x, ctx)), y0) <= 1e-12 and torch.equal(x, x0)
         owned = x.clone()
+        # float64: measured ≤ 6.7e-16; 1e-12 = 1500x
         assert rel(block.project_out(proj_out, block(owned, ctx, own=True)), y0) <= 1e-12
         assert not torch.equal(owned, x0)  # overwritten: no copy was made
     with torch.no_grad():  # a weight load: in-place copies into the biases the fused block carries
         block.attn2.to_out[0].bias.copy_(torch.randn(32))
         block.ff.net[2].bias.mul_(-2)
     (y0, g0), (y1, g1) = run(None), run(fused.Kernels("torch"))
-    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12
+    assert rel(y1, y0) <= 1e-12 and rel(g1, g0) <= 1e-12  # float64: measured ≤ 6.9e-16; 1e-12 = 1400x
 
 
 # -----------------------------------------------------------------------------
@@ -286,6 +303,8 @@ def unet_and_guide(device, dtype):
     return unet, guide, cond
 
 
+# rel measured (CPU): float64 ≤ 1.8e-14 (1e-10 ≫ 5x); fp32 output 1.7e-6 (5.8x), loss 0, gradient 6.2e-6:
+# only 1.6x under the 1e-5 parity budget (reported, not loosened); triton: CUDA only, not measured here
 @pytest.mark.parametrize("backend,dtype,tol", [("torch", torch.float64, 1e-10), ("torch", torch.float32, 1e-5),
                                                pytest.param("triton", torch.float32, 1e-5, marks=cuda)])
 def test_fused_unet_equals_the_reference_unet(backend, dtype, tol):

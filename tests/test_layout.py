@@ -64,7 +64,8 @@ def test_group_norm_equals_torch(shape, groups, layout, dtype):
     g = torch.Generator().manual_seed(len(shape) + groups)
     x = (3 * torch.randn(shape, generator=g, dtype=dtype) + 2).contiguous(memory_format=layout)
     wt, bs = 1 + 0.1 * torch.randn(shape[1], generator=g, dtype=dtype), torch.randn(shape[1], generator=g, dtype=dtype)
-    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    # max rel measured (CPU): fp32 3.5e-7 (gradients): 2e-6 = 5.7x; fp64 5.4e-16: 1e-12 ≫ 5x
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
     with torch.no_grad():
         y = group_norm(x, groups, wt, bs, 1e-5)
     assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
@@ -100,7 +101,8 @@ def test_group_norm_fp16_keeps_large_activations_finite():
         y = group_norm(x, 32, wt, bs, 1e-5)
     y_grad = group_norm(x, 32, wt, bs, 1e-5)  # grad mode: the autograd path, same numbers
     assert y.dtype == torch.half and y.is_contiguous(memory_format=CL) and torch.equal(y, y_grad)
-    assert rel_err(y, F.group_norm(x.float(), 32, eps=1e-5)) <= 2e-3  # fp16 output rounding
+    # fp16 output rounding: measured 2.7e-4; 2e-3 = 7x
+    assert rel_err(y, F.group_norm(x.float(), 32, eps=1e-5)) <= 2e-3
 
 
 # -----------------------------------------------------------------------------
@@ -124,6 +126,7 @@ def test_frozen_convolution_input_gradient_keeps_the_layout(conv, shape):
     (gx,) = torch.autograd.grad(y, x, g)
     ref = (F.conv2d if len(shape) == 4 else F.conv3d)(x, conv.weight, conv.bias, conv.stride, conv.padding)
     assert memory_format(gx) == fmt and memory_format(y) == fmt and x.untyped_storage().data_ptr() not in kept
+    # measured 0 (the same conv kernels); 1e-6: fp32 round-off
     assert rel_err(y, ref) <= 1e-6 and rel_err(gx, torch.autograd.grad(ref, x, g)[0]) <= 1e-6
 
 
@@ -237,6 +240,8 @@ def test_nchw_layout_is_the_reference_and_gives_the_same_output(unet):
     finally:
         fast.apply(unet, kernels=None)
     assert y_cl.is_contiguous() and y_cl.shape == x.shape  # the API: contiguous b c f h w
+    # fp32 (CPU): measured output 1.9e-6 (5.3x), gradient 4.7e-6: only 2.1x under the 1e-5 parity budget
+    # (reported, not loosened)
     assert rel_err(y_cl, y_nchw[0]) <= 1e-5 and rel_err(g_cl, g_nchw) <= 1e-5
     assert torch.equal(forward(), y_cl)
 
@@ -270,4 +275,5 @@ def test_fused_temporal_transformers_keep_their_tokens_in_place(unet):
     temporal = [o for path, cls, o in outs if cls == "Linear" and path.endswith("proj_in") and "attentions" not in path]
     assert temporal and all(o.ndim == 4 for o in temporal)  # transformer_in and temp_attentions: b f (h w) d
     assert "TransformerTemporalModel" not in ops.copies and ops.copies["UNet3D"] == 5, ops.copies
-    assert float((ys[1] - ys[0]).norm() / ys[0].norm()) <= 1e-5  # fp32; the fused norms round differently
+    # fp32, the fused norms round differently: measured 1.6e-6 (CPU); 1e-5 = 6x
+    assert float((ys[1] - ys[0]).norm() / ys[0].norm()) <= 1e-5

@@ -227,14 +227,16 @@ def test_presence_bins_match_the_spec_table(n, bins):
 def test_positions_keyframes_hold_and_absent_frames():
     (track,) = _one_object(set(range(6))).interpolate(16)
     for i in range(6):     # keyframe i lands on video frame 3i, to within 1e-5 of the time axis
+        # measured 9.8e-6 (the 1e-5 of the time axis, deterministic); atol 1e-4 = 10x
         np.testing.assert_allclose(track.boxes[3 * i], np.array([100 * i, 0, 100 * i + 50, 64]) / 512, atol=1e-4)
+    # measured 6.5e-7; atol 1e-4 = 150x
     np.testing.assert_allclose(track.boxes[1], [100 / 3 / 512, 0, (100 / 3 + 50) / 512, 0.125], atol=1e-4)
     (late,) = _one_object({3, 4, 5}).interpolate(16)                 # §3.3 example: frames 8–15
     assert np.flatnonzero(late.boxes.any(axis=1)).tolist() == list(range(8, 16))
     assert not late.boxes[:8].any()
-    np.testing.assert_allclose(late.boxes[8], np.array([300, 0, 350, 64]) / 512)   # held before keyframe 3
+    np.testing.assert_allclose(late.boxes[8], np.array([300, 0, 350, 64]) / 512)  # measured 0; held before keyframe 3
     (one,) = _one_object({0}).interpolate(1)
-    np.testing.assert_allclose(one.boxes, [[0, 0, 50 / 512, 0.125]])
+    np.testing.assert_allclose(one.boxes, [[0, 0, 50 / 512, 0.125]])  # measured 0
 
 
 def test_nearest_presence_option_and_bad_arguments():
@@ -256,7 +258,7 @@ def test_object_boxes_ids_names_from_first_occurrence():
     assert [(t.id, t.name) for t in tracks] == [(0, "cat"), (1, "red cat")]
     tid, name, boxes = tracks[1]
     assert boxes.shape == (6, 4) and boxes.dtype == np.float64
-    np.testing.assert_allclose(boxes[0], [400 / 512, 300 / 512, 500 / 512, 380 / 512])
+    np.testing.assert_allclose(boxes[0], [400 / 512, 300 / 512, 500 / 512, 380 / 512])  # measured 0
     assert not boxes[2].any() and not boxes[3].any()    # absent in frames 3 and 4 (1-based)
     assert layout.objects() == [(0, "cat"), (1, "red cat")]
 
