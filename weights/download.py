@@ -49,11 +49,13 @@ import shutil
 import sys
 import time
 import types
-from urllib.parse import quote, urljoin, urlparse
 
 import requests
-import torch
-from safetensors import safe_open
+
+if __package__ in (None, ""):  # run as `python weights/download.py`: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from weights.convert import convert as _convert
+from weights.hub import DownloadError, Hub as _Hub, short as _short  # noqa: F401 (DownloadError: the public error)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 STATE_FILE = ".verified.json"
@@ -65,20 +67,6 @@ MODELS = types.MappingProxyType({
 _SMALL = ("model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
           "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
           "tokenizer/tokenizer_config.json", "unet/config.json", "vae/config.json")
-# one tensor per component with its shape (§6.2, §7.3, §8.3): catches a .bin in the wrong folder
-_SIGNATURE = types.MappingProxyType({"unet": ("conv_in.weight", (320, 4, 3, 3)),
-                                     "vae": ("decoder.conv_in.weight", (512, 4, 3, 3)),
-                                     "text_encoder": ("final_layer_norm.weight", (1024,))})
-_ST_DTYPE = types.MappingProxyType({
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL"})
-
-
-class DownloadError(Exception):
-    """A download that cannot complete. The message is one line: what, where and what to do."""
-
-
 # -----------------------------------------------------------------------------
 # the manifest
 
@@ -120,96 +108,8 @@ def download_command(model="modelscope", variant="fp16", dest=None):
     return cmd + (f" --dest {shlex.quote(str(dest))}" if dest else "")
 
 
-# -----------------------------------------------------------------------------
-# HTTP: HEAD metadata, errors, retries
-
-class _Hub:
-    def __init__(self, endpoint, token, repo, revision, retries, backoff, say):
-        self.endpoint, self.token, self.repo, self.revision, self.say = endpoint, token, repo, revision, say
-        self.rev = revision  # becomes the commit after the first HEAD, so that all files match
-        self.retries, self.backoff = retries, backoff
-        self.session = requests.Session()
-        self.session.headers.update({"Accept-Encoding": "identity", "User-Agent": "lvd-download/1"})
-
-    def url(self, rel):
-        return f"{self.endpoint}/{self.repo}/resolve/{quote(self.rev, safe='')}/{quote(rel)}"
-
-    def headers(self, url, extra=None):
-        """Authorization only for the endpoint's own host (requests strips it on a CDN redirect)."""
-        h = dict(extra or {})
-        if self.token and urlparse(url).netloc == urlparse(self.endpoint).netloc:
-            h["Authorization"] = f"Bearer {self.token}"
-        return h
-
-    def pause(self, fails):
-        time.sleep(min(self.backoff * 2 ** (fails - 1), 30.0))
-
-    def unreachable(self, rel, why):
-        return DownloadError(f"{self.repo}/{rel}: no answer from {urlparse(self.endpoint).netloc} after "
-                             f"{self.retries + 1} attempts ({_short(why)}); check the network, or set "
-                             "HF_ENDPOINT to a mirror")
-
-    def check(self, r, rel):
-        """Raise the DownloadError that a 4xx answer means."""
-        code, ec = r.status_code, r.headers.get("X-Error-Code", "")
-        if code < 400:
-            return
-        if urlparse(r.url).netloc != urlparse(self.endpoint).netloc:  # e.g. the CDN
-            raise DownloadError(f"{self.repo}/{rel}: HTTP {code} from {urlparse(r.url).netloc}")
-        if code == 403 or ec == "GatedRepo":
-            raise DownloadError(f"{self.repo}: access refused (HTTP {code}): accept the model's license at "
-                                f"{self.endpoint}/{self.repo} and set HF_TOKEN to a token of that account")
-        if code == 401 and self.token:
-            raise DownloadError(f"{self.repo}: HF_TOKEN was not accepted (HTTP 401): check the token and that "
-                                "it may read this repository (and accept the license on its page)")
-        if code == 401:
-            raise DownloadError(f"{self.repo}: authentication needed (HTTP 401): the repository is private, gated "
-                                "or does not exist; set HF_TOKEN (and accept the license on its page)")
-        if code == 404:
-            raise DownloadError({
-                "RepoNotFound": f"repository {self.repo} not found on {self.endpoint} (HTTP 404)",
-                "RevisionNotFound": f"revision {self.revision!r} not found in {self.repo} (HTTP 404)",
-                "EntryNotFound": f"file {rel} not found in {self.repo} at revision {self.revision} (HTTP 404)",
-            }.get(ec, f"{rel} not found in {self.repo} at revision {self.revision} (HTTP 404: the repository, "
-                      "revision or file is missing)"))
-        raise DownloadError(f"{self.repo}/{rel}: HTTP {code} from {urlparse(r.url).netloc}")
-
-    def head(self, rel):
-        """(size, etag, lfs) of one remote file; pins self.rev to the commit the hub reports."""
-        url, fails, hops = self.url(rel), 0, 0
-        while True:
-            try:
-                r = self.session.head(url, headers=self.headers(url), allow_redirects=False, timeout=(10, 60))
-            except (requests.ConnectionError, requests.Timeout) as e:
-                r, why = None, e
-            if r is not None and r.status_code != 429 and r.status_code < 500:
-                loc = r.headers.get("Location")
-                same_site = loc and urlparse(urljoin(url, loc)).netloc == urlparse(url).netloc
-                if 300 <= r.status_code < 400 and loc and (same_site or "X-Linked-Size" not in r.headers) and hops < 5:
-                    url, hops = urljoin(url, loc), hops + 1  # a renamed repository, or a mirror's redirect
-                    continue
-                break
-            why = why if r is None else f"HTTP {r.status_code}"
-            fails += 1
-            if fails > self.retries:
-                raise self.unreachable(rel, why)
-            self.pause(fails)
-        self.check(r, rel)
-        size = r.headers.get("X-Linked-Size") or r.headers.get("Content-Length")
-        if size is None or not size.isdigit():
-            raise DownloadError(f"{self.repo}/{rel}: {self.endpoint} reported no file size (is it a Hugging Face hub?)")
-        etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").removeprefix("W/").strip('"').lower()
-        if r.headers.get("X-Repo-Commit"):
-            self.rev = r.headers["X-Repo-Commit"]
-        return int(size), etag, "X-Linked-Etag" in r.headers
-
-
 def _size(n):
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
-
-
-def _short(why):
-    return re.sub(r"\s+", " ", str(why))[:160]
 
 
 # -----------------------------------------------------------------------------
@@ -384,69 +284,6 @@ def _get(hub, dest, rel, size, etag, lfs, bar, say):
             say(f"{rel}: checksum mismatch ({problem}); deleted, fetching it again")
     raise DownloadError(f"{hub.repo}/{rel}: checksum mismatch after a fresh download ({problem}); "
                         "the file was deleted, try again later or another HF_ENDPOINT")
-
-
-# -----------------------------------------------------------------------------
-# Zeroscope: .bin (pickle, fp16) -> safetensors
-
-def _write_safetensors(tensors, path, metadata):
-    """Write tensors in the safetensors layout (8-byte header size, JSON header, raw data); -> sha256."""
-    header, offset = {"__metadata__": metadata}, 0
-    for k in sorted(tensors):
-        t = tensors[k]
-        if t.dtype not in _ST_DTYPE:
-            raise DownloadError(f"{path}: tensor {k} has dtype {t.dtype}, which safetensors cannot hold here")
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    h = hashlib.sha256()
-    with open(path, "wb") as fh:
-        for piece in (len(blob).to_bytes(8, "little"), blob):
-            fh.write(piece)
-            h.update(piece)
-        for k in sorted(tensors):
-            raw = tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy()  # any shape -> (bytes,)
-            fh.write(raw)
-            h.update(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return h.hexdigest()
-
-
-def _convert(src, dst):
-    """Load a .bin weights-only, check it, write dst atomically, read it back, compare; -> sha256."""
-    try:
-        sd = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle that is not plain tensors, or a damaged file
-        raise DownloadError(f"{src}: cannot load as a weights-only checkpoint ({type(e).__name__}: {_short(e)})") from None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                     for k, v in sd.items()):
-        raise DownloadError(f"{src}: not a flat state dict of named tensors")
-    name, shape = _SIGNATURE[os.path.basename(os.path.dirname(src))]
-    found = sd.get(name, sd.get("text_model." + name))
-    if found is None or tuple(found.shape) != shape:
-        raise DownloadError(f"{src}: expected tensor {name} of shape {list(shape)}, found "
-                            f"{'none' if found is None else list(found.shape)} (a file of another component?)")
-    tmp = dst + ".tmp"
-    try:
-        sha = _write_safetensors(sd, tmp, {"format": "pt", "converted_from": os.path.basename(src)})
-        with safe_open(tmp, framework="pt") as f:  # round trip through safetensors' own reader
-            keys = set(f.keys())
-            if keys != set(sd):
-                raise DownloadError(f"{dst}: converted keys differ from {src} ({len(keys ^ set(sd))} keys)")
-            for k, t in sd.items():
-                back = f.get_tensor(k)
-                same = back.dtype == t.dtype and back.shape == t.shape and torch.equal(
-                    back.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8))  # bytes
-                if not same:
-                    raise DownloadError(f"{dst}: tensor {k} differs after conversion from {src}")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return sha
 
 
 # -----------------------------------------------------------------------------
