@@ -99,12 +99,13 @@ def initial_noise(seed, frames, height, width, device, dtype):
 
 def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=40, cfg_scale=9.0,
              negative_prompt=NEGATIVE_PROMPT, seed=0, solver="dpm", guidance=None, latents=None,
-             vae_slice=1, on_step=None, info=None, fast=None, memory=None):
+             vae_slice=1, on_step=None, info=None, fast=None, memory=None, on_stage=None):
     """Sample one video. Returns uint8 frames (f, H, W, 3).
 
     layout:   a planner.Layout; with `guidance` (attention.GuidanceParams) LVD's energy guidance runs.
     latents:  optional initial noise (1, 4, f, H/8, W/8); else drawn from `seed` (see initial_noise).
     on_step:  callable(info dict {'i', 't', 'x', 'x0_pred'}) after each solver step (progress, notebooks).
+    on_stage: callable(str) as each stage starts (the CLI's progress lines).
     info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
     fast:     the fast layer (fast/): the CFG step and the guidance pass replayed from CUDA graphs, fused Triton
               kernels where Triton runs, channels-last activations; same results up to rounding. None: on for
@@ -118,6 +119,9 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if latents is None:
         latents = initial_noise(seed, frames, height, width, pipe.device, pipe.dtype)
     fast = latents.is_cuda if fast is None else fast
+    stage = on_stage or (lambda name: None)
+    if fast:
+        stage("fast layer: CUDA graphs and Triton kernels (compiled on a first run, then cached on disk)")
     layer = use_fast_layer(pipe.unet, fast, memory)
     pool = layer.graph_pool() if fast else None  # one memory pool for both graphs (they never run at once)
     before_step, final_prompt, graphed_pass = None, prompt, None
@@ -145,6 +149,8 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim
+    guided = min(steps, guidance.max_index_step) if before_step is not None else 0
+    stage(f"denoising: {steps} steps" + (f", LVD guidance on the first {guided}" if guided else ""))
     t = time.perf_counter()
     x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
     for graphed in (cfg_unet, graphed_pass) if fast else ():
@@ -152,6 +158,7 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
             graphed.reset()  # the graphs' memory, before the decode
     info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
     info["latents"] = x0
+    stage("decoding")
     frames_u8 = decode(pipe, x0, vae_slice)
     info["decode_s"] = time.perf_counter() - t
     return frames_u8
@@ -180,17 +187,27 @@ def decode(pipe, latents, slice_size=1):
 
 
 class Progress:
-    """A one-line progress bar on stderr: step i/N, seconds per step."""
+    """Progress on stderr: `stage(name)` prints one line per stage with the seconds since the start; as the
+    sampler's callback it draws the denoising bar, the guided steps marked 'G' (LVD's energy guidance runs
+    before them) and the others '#'."""
 
-    def __init__(self, total, label="denoising", stream=None):
-        self.total, self.label, self.stream = total, label, stream or sys.stderr
-        self.start = self.last = time.perf_counter()
+    def __init__(self, total, guided=0, stream=None):
+        self.total, self.guided, self.stream = total, guided, stream or sys.stderr
+        self.t0 = self.start = self.last = time.perf_counter()
+
+    def stage(self, name):
+        self.last = time.perf_counter()  # the next step's time counts from here
+        self.stream.write(f"[{self.last - self.t0:6.1f} s] {name}\n")
+        self.stream.flush()
 
     def __call__(self, info):
         now = time.perf_counter()
         i = info["i"] + 1
-        bar = "#" * int(24 * i / self.total)
-        self.stream.write(f"\r{self.label} [{bar:<24}] {i}/{self.total}  {now - self.last:.2f} s/step")
+        if i == 1:
+            self.start = self.last
+        done = "".join("G" if k * self.total < 24 * self.guided else "#" for k in range(int(24 * i / self.total)))
+        label = "denoising, guided" if i <= self.guided else "denoising"
+        self.stream.write(f"\r{label:<17} [{done:<24}] {i}/{self.total}  {now - self.last:.2f} s/step")
         if i == self.total:
             self.stream.write(f"  ({now - self.start:.1f} s)\n")
         self.stream.flush()
@@ -375,8 +392,10 @@ def _main(args):
     timings, t0 = {}, time.perf_counter()
     try:
         guidance = guidance_params(args)
+        progress = Progress(args.steps, min(args.steps, guidance.max_index_step) if guidance else 0)
         layout = None
         if guidance is not None or args.layout:
+            progress.stage("planning the layout" + (f" (from {args.layout})" if args.layout else ""))
             layout = get_layout(args)
             print(layout.summary(), file=sys.stderr)
         timings["plan_s"] = time.perf_counter() - t0
@@ -384,13 +403,15 @@ def _main(args):
             from weights.download import download
             download(model=args.model, variant="fp16" if args.dtype == torch.float16 else "fp32", dest=args.model_dir)
         t = time.perf_counter()
+        progress.stage(f"loading the model from {args.model_dir}")
         pipe = load_pipeline(args.model_dir, args.device, args.dtype, args.model)
         timings["load_s"] = time.perf_counter() - t
         t, info = time.perf_counter(), {}
         with cudnn_benchmark(bool(args.cudnn_benchmark)):
             frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,
                               args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
-                              on_step=Progress(args.steps), info=info, fast=args.fast, memory=args.checkpointing)
+                              on_step=progress, info=info, fast=args.fast, memory=args.checkpointing,
+                              on_stage=progress.stage)
         timings.update(denoise_s=info["denoise_s"], decode_s=info["decode_s"])
     except (LVDError, DownloadError, planner.PlannerError, planner.LayoutError, planner.CacheError, ValueError) as e:
         print(f"lvd: error: {e}", file=sys.stderr)
@@ -411,6 +432,7 @@ def _main(args):
         extra = lambda folder: save_attention_grid(g.last_maps, g.masks, g.token_positions, g.names,
                                                    os.path.join(folder, "attention"))
     t = time.perf_counter()
+    progress.stage("saving")
     try:
         folder = save_run(args.out, run_name(args.prompt, args.seed), frames, settings, layout, extra)
     except OSError as e:  # e.g. the disk filled up while sampling; save_run leaves no half folder

@@ -136,3 +136,17 @@ def test_draw_boxes_survives_boxes_thinner_than_a_pixel():
     assert drawn.any()  # the boxes are drawn, not skipped
     edge = planner.Layout("x", "", [[{"id": 0, "name": "x", "box": [511.9, 511.9, 0.05, 0.05]}]] * 6)
     assert len(lvd.draw_boxes(frames, edge)) == 16  # a sub-pixel box in the bottom-right corner
+
+
+def test_progress_names_each_stage_and_marks_the_guided_steps(tiny_model_dir, layout_file, tmp_path, capsys):
+    """stderr names the stages in order, and the denoising bar marks the guided steps 'G' (weak: the first 10 of
+    12 steps here) and the others '#'."""
+    run_cli(tiny_model_dir, tmp_path / "p", layout_file, "--steps", "12")
+    err = capsys.readouterr().err
+    stages = ["planning the layout", "loading the model", "denoising: 12 steps, LVD guidance on the first 10",
+              "decoding", "saving"]
+    where = [err.find(s) for s in stages]
+    assert all(w >= 0 for w in where) and where == sorted(where), (where, err)
+    final_bar = err.split("denoising ")[-1]  # the last redraw, after the guided steps
+    assert "[" + "G" * 20 + "####]" in final_bar and "12/12" in final_bar, final_bar
+    assert "fast layer" not in err  # the CPU runs the reference: nothing to compile
