@@ -34,3 +34,22 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
         value = r[3] if r[3] else r[6]  # ms, or seconds for whole videos
         assert float(value) > 0, key
     assert "10 guidance passes" in got[("guided video (2 steps, 10 passes, decode)", "lvd fast --checkpointing off")][7]
+
+
+def test_bench_cli_smoke(tmp_path):
+    """scripts/bench_cli.py --smoke runs the CLI as a user does (tiny model, CPU) and fills every row of its table."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "cli.md"
+    assert script.main(["--smoke", "--out", str(out)]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| modelscope")]
+    assert [r[1] for r in rows] == ["guided, defaults, kernel cache empty", "guided, defaults, kernel cache filled",
+                                    "guided, --no-fast", "--guidance off"]
+    for r in rows:
+        wall, stages = float(r[2]), [float(v) for v in r[3:8]]
+        assert wall > 0 and stages[1] > 0 and stages[2] > 0 and sum(stages) <= wall, r  # load, denoise measured
+    assert "`python lvd.py --help`:" in out.read_text()

@@ -1,0 +1,103 @@
+"""What a user of the CLI waits for: `python lvd.py --prompt ...` run as a subprocess, from process start to exit.
+
+Usage (a CUDA machine; the real 1.7B config with random weights, made with weights/make_tiny.py when missing):
+    python scripts/bench_cli.py --out results/bench_cli.md [--model-dir DIR] [--sizes modelscope,zeroscope]
+    python scripts/bench_cli.py --smoke --out /tmp/cli.md   (the tiny model on the CPU: checks this script)
+
+Rows per size (the model's preset: modelscope 256×256×16, zeroscope 576×320×24): guided with the defaults and an
+empty Triton kernel cache (a fresh TRITON_CACHE_DIR: the first run on a machine), the same with the cache filled,
+`--no-fast`, `--guidance off`; and `python lvd.py --help` against `python -c "import torch"`. Columns: the wall time
+and the stages the CLI reports on its last line (plan, load, denoise, decode, save); "the rest" is the wall time
+less those (interpreter start, imports, CUDA set-up, the text encoder). The table names its date, GPU and commit.
+
+Official implementation: none (the official code is a script run the same way: generation/lvd.py).
+"""
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = "A bear walks from the left to the right"  # its layout ships in data/layouts/examples.json
+STAGES = ("plan", "load", "denoise", "decode", "save")
+
+
+def run(argv, env=None):
+    """(wall seconds, {stage: seconds}) of one CLI run; a failed run raises with its stderr's end."""
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr[-1500:]}")
+    m = re.search(r"lvd: wrote .*\((.*)\)\s*$", p.stdout)
+    stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))} if m else {}
+    return wall, stages
+
+
+def commit():
+    if os.environ.get("LVD_COMMIT"):  # a copy without .git (a GPU machine)
+        return os.environ["LVD_COMMIT"]
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", help="a full-size model folder; made with random weights when missing")
+    ap.add_argument("--sizes", default="modelscope,zeroscope", help="model presets, comma-separated")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_cli.md"))
+    ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, 2 steps (numbers mean nothing)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from weights.make_tiny import make_tiny
+    work = tempfile.mkdtemp(prefix="lvd-bench-cli-")
+    if args.smoke:
+        model_dir = make_tiny(os.path.join(work, "tiny"), seed=0)
+        extra = ["--device", "cpu", "--steps", "2", "--frames", "2", "--height", "64", "--width", "64"]
+        sizes = ["modelscope"]
+    else:
+        model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), "lvd-full-random")
+        if not os.path.isdir(model_dir):
+            make_tiny(model_dir, seed=0, fp16_variants=True, full=True, device="cuda")
+        extra, sizes = [], args.sizes.split(",")
+    rows = []
+    for size in sizes:
+        base = ["lvd.py", "--prompt", DEMO, "--model", size, "--model-dir", model_dir, *extra]
+        cases = [("guided, defaults, kernel cache empty", []), ("guided, defaults, kernel cache filled", []),
+                 ("guided, --no-fast", ["--no-fast"]), ("--guidance off", ["--guidance", "off"])]
+        cache = os.path.join(work, f"triton-{size}")  # empty for the first case; the later ones find it filled
+        for label, flags in cases:
+            env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            wall, stages = run([*base, *flags, "--out", os.path.join(work, "out")], env)
+            rows.append((size, label, wall, stages))
+            print(f"{size} | {label} | {wall:.1f} s | {stages}", file=sys.stderr, flush=True)
+    torch_s = min(run(["-c", "import torch"])[0] for _ in range(3))
+    help_s = min(run(["lvd.py", "--help"])[0] for _ in range(3))
+    import torch
+    where = "CPU smoke run of the tiny model (numbers mean nothing)" if args.smoke else torch.cuda.get_device_name()
+    lines = [f"# `python lvd.py` as a user runs it: {where}, {datetime.date.today()}, commit {commit()}", "",
+             f"Wall time from process start to exit (a subprocess each); the stages as the CLI reports them. "
+             f"`python lvd.py --help`: {help_s:.2f} s, against {torch_s:.2f} s for `python -c \"import torch\"` "
+             f"(best of 3 each).", "",
+             "| size | run | wall s | " + " | ".join(STAGES) + " | the rest |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in STAGES) + " | --- |"]
+    for size, label, wall, st in rows:
+        rest = wall - sum(st.get(k, 0.0) for k in STAGES)
+        lines.append(f"| {size} | {label} | {wall:.1f} | " + " | ".join(f"{st.get(k, 0.0):.1f}" for k in STAGES)
+                     + f" | {rest:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, args.out)  # atomic
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
