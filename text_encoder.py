@@ -142,6 +142,10 @@ class CLIPTokenizer:
         self.pad_id = vocab[pad_token]
         self.max_length = max_length
         self._char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        # vocab spelling -> latin-1 code points (one str.translate, then .encode("latin-1")); a character outside
+        # the byte alphabet becomes U+FFFF, which latin-1 cannot encode: the token is refused (`_ranks`)
+        self._to_latin1 = {cp: 0xFFFF for cp in range(256)}
+        self._to_latin1.update({ord(c): b for c, b in self._char_to_byte.items()})
         # pat_str is unused: words are split by split_words and BPE-encoded one at a time
         self._bpe = tiktoken.Encoding("clip-bpe", pat_str=r"\S+", mergeable_ranks=self._ranks(where), special_tokens={})
         # special strings cut out of the raw text, and out of the normalised text (longest first)
@@ -152,10 +156,14 @@ class CLIPTokenizer:
                           [normalize(t) for t, norm in special_tokens.items() if norm]))
 
     def _token_bytes(self, tok):
-        """vocab.json spelling -> raw bytes, `</w>` -> 0xFF."""
+        """vocab.json spelling -> raw bytes, `</w>` -> 0xFF. A character outside the byte alphabet: KeyError."""
         end = tok.endswith("</w>")
         body = tok[:-4] if end else tok
-        return bytes(self._char_to_byte[c] for c in body) + (_END_OF_WORD if end else b"")
+        try:
+            raw = body.translate(self._to_latin1).encode("latin-1")
+        except UnicodeEncodeError:
+            raise KeyError(next(c for c in body if c not in self._char_to_byte)) from None
+        return raw + (_END_OF_WORD if end else b"")
 
     def _ranks(self, where):
         special = {"<|startoftext|>", "<|endoftext|>"}

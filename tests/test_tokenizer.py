@@ -262,3 +262,16 @@ def test_pad_comes_from_the_files(tmp_path):
     special["pad_token"] = "<|endoftext|>"  # SD-1.x style
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     assert CLIPTokenizer.from_pretrained(folder)(["a bear!"])[0, :6].tolist() == [49406, 320, 4298, 256, 49407, 49407]
+
+
+@pytest.mark.parametrize("bad", ["a b</w>", "aЖ</w>"], ids=["latin-1 space", "cyrillic"])
+def test_a_vocab_token_outside_the_byte_alphabet_is_refused(tmp_path, bad):
+    """A space (a latin-1 character that the byte alphabet spells 'Ġ') or a letter outside it: one-line error."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(ROOT / "data" / "clip-tokenizer", folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    vocab[bad] = vocab.pop("a</w>")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="outside the byte alphabet") as info:
+        CLIPTokenizer.from_pretrained(str(folder))
+    assert "\n" not in str(info.value)
