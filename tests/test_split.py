@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ["unet3d", "unet_transformers", "vae", "text_encoder", "sampler", "attention", "tokens", "layout",
-             "planner", "outputs", "lvd", "weights.checkpoint", "weights.download"]
+             "planner", "outputs", "cli_options", "lvd", "weights.checkpoint", "weights.download"]
 # the reference's parity tests against diffusers / transformers and the guidance tests (~1 min on 2 cores)
 PARITY = ["tests/test_unet3d.py", "tests/test_vae.py", "tests/test_guidance.py", "tests/test_pipeline.py"]
 
