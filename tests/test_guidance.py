@@ -16,12 +16,10 @@ from PIL import Image
 
 import attention as A
 from sampler import NoiseSchedule
-from unet3d import UNet3D, UNet3DConfig
+from guidance_case import POSITIONS, SCHEDULE, guided_calls, official_loss_and_grad, tiny_unet
+from guidance_case import setup as _setup
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # ModelScope's DDIM config (§5)
-POSITIONS = [[2], [4, 5]]  # object 0 on one token, object 1 on two
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -29,29 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet3D(UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)).eval().requires_grad_(False)
-
-
-def _setup(f, h, w, dtype=torch.float32, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, f, h, w, generator=g, dtype=dtype)
-    cond = torch.randn(1, 77, 32, generator=g, dtype=dtype)
-    gone = [(0.55, 0.1, 0.95, 0.45)] * (f - 1) + [(0, 0, 0, 0)]  # object 1 leaves in the last frame
-    boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], gone]  # object 0 moves up
-    return x, cond, A.layer_masks(boxes, (h, w))
-
-
-def _reference_loss_and_grad(unet, x, t, cond, masks, params):
-    """The official recipe: full UNet forward (no truncation, no checkpointing), energy, autograd."""
-    z = x.detach().clone().requires_grad_(True)
-    store = A.AttentionStore(A.GUIDED_LAYERS)  # truncate=False: up_blocks.3 and conv_out run too
-    with torch.enable_grad():
-        out = unet(z, t, cond, store=store)
-        assert out is not None
-        loss = A.energy({p: store.maps[p] for p in A.GUIDED_LAYERS}, masks, POSITIONS, params)
-        (g,) = torch.autograd.grad(params.loss_scale * loss, z)
-    return float(loss.detach()), g
+    return tiny_unet()
 
 
 # -----------------------------------------------------------------------------
@@ -96,17 +72,10 @@ def test_truncated_gradient_equals_the_full_forward(unet):
     schedule = NoiseSchedule.from_config(SCHEDULE)
     t = 974
     params = A.GuidanceParams(loss_scale=5.0)
-    ref_loss, ref_g = _reference_loss_and_grad(unet, x, t, cond, masks, params)
+    ref_loss, ref_g = official_loss_and_grad(unet, x, t, cond, masks, params)
     scale = ref_g.abs().max()
     guide = A.LatentGuidance(unet, cond, masks, POSITIONS, schedule, params)
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m.path)) for m in unet.modules()
-             if getattr(m, "path", None) in A.GUIDED_LAYERS]
-    try:
-        loss, g = guide.loss_and_grad(x, t)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    (loss, g), calls = guided_calls(unet, lambda: guide.loss_and_grad(x, t))
     assert len(calls) == 6
     # fp32 sums in another order: measured 0 here (CPU), ~1e-7 earlier; 1e-6 = 10x
     assert abs(float(loss) - ref_loss) <= 1e-6 * ref_loss

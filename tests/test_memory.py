@@ -17,7 +17,8 @@ import attention as A
 import fast
 from fast.memory import Conv2d, Conv3d, checkpoint_mode, recompute
 from sampler import NoiseSchedule
-from unet3d import UNet3D, UNet3DConfig
+from guidance_case import POSITIONS, SCHEDULE, guided_calls, official_loss_and_grad, tiny_unet
+from guidance_case import setup as _setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -91,53 +92,20 @@ def test_checkpoint_mode_names():
 # -----------------------------------------------------------------------------
 # the memory modes of the guidance pass
 
-SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # ModelScope's DDIM config
-POSITIONS = [[2], [4, 5]]  # object 0 on one token, object 1 on two
-
-
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet3D(UNet3DConfig(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)).eval().requires_grad_(False)
-
-
-def _setup(f, h, w, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, f, h, w, generator=g)
-    cond = torch.randn(1, 77, 32, generator=g)
-    gone = [(0.55, 0.1, 0.95, 0.45)] * (f - 1) + [(0, 0, 0, 0)]  # object 1 leaves in the last frame
-    boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], gone]  # object 0 moves up
-    return x, cond, A.layer_masks(boxes, (h, w))
-
-
-def _official_loss_and_grad(unet, x, t, cond, masks, params):
-    """The official recipe on the reference UNet: full forward (no truncation), energy, autograd."""
-    z = x.detach().clone().requires_grad_(True)
-    store = A.AttentionStore(A.GUIDED_LAYERS)  # truncate=False: up_blocks.3 and conv_out run too
-    with torch.enable_grad():
-        unet(z, t, cond, store=store)
-        loss = A.energy({p: store.maps[p] for p in A.GUIDED_LAYERS}, masks, POSITIONS, params)
-        (g,) = torch.autograd.grad(params.loss_scale * loss, z)
-    return float(loss.detach()), g
+    return tiny_unet()
 
 
 @pytest.mark.parametrize("mode", ["off", "cheap", "full", True])
 def test_memory_modes_give_the_official_gradient(unet, mode):
     x, cond, masks = _setup(3, 16, 16)
     t, params = 974, A.GuidanceParams(loss_scale=5.0)
-    ref_loss, ref_g = _official_loss_and_grad(unet, x, t, cond, masks, params)
+    ref_loss, ref_g = official_loss_and_grad(unet, x, t, cond, masks, params)
     scale = ref_g.abs().max()
     fast_unet = fast.apply(copy.deepcopy(unet), memory=mode, kernels=None, channels_last=False)
     guide = A.LatentGuidance(fast_unet, cond, masks, POSITIONS, NoiseSchedule.from_config(SCHEDULE), params)
-    calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m.path)) for m in fast_unet.modules()
-             if getattr(m, "path", None) in A.GUIDED_LAYERS]
-    try:
-        loss, g = guide.loss_and_grad(x, t)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    (loss, g), calls = guided_calls(fast_unet, lambda: guide.loss_and_grad(x, t))
     full = mode in ("full", True)  # with full checkpointing each layer is recomputed in the backward
     assert len(calls) == (12 if full else 6), mode
     # fp32 sums in another order: measured ≤ 2e-7 relative (loss) and ≤ 1e-7 of the largest entry (gradient)
