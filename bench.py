@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import attention
 import fast
 import lvd
 import planner
+from outputs import code_commit, write_report
 from text_encoder import CLIPTokenizer
 from weights.make_tiny import make_tiny
 
@@ -293,9 +293,7 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     peak = matmul_peak_tflops()
     rows = []
-    commit = os.environ.get("LVD_COMMIT") or subprocess.run(  # LVD_COMMIT: for a copy without .git (a GPU machine)
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    commit = code_commit()
 
     def row(size, what, impl, ms=None, gib=(None, None), s=None, extra=""):
         rows.append((size, what, impl, ms, gib[0], gib[1], s, extra))
@@ -327,9 +325,7 @@ def main(argv=None):
               for a, b, c, d, e, e2, g, x in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write(text)
+    write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,27 @@ def save_run(out_root, name, frames, settings, layout=None, extra=None, workers=
     return final
 
 
+def write_report(path, text):
+    """A results file (a benchmark's or a parity script's table), written atomically; -> path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def code_commit():
+    """The short commit of the code that runs, for a result to name: LVD_COMMIT where set (a copy without .git,
+    as on a GPU machine), else git's HEAD, else 'unknown'."""
+    if os.environ.get("LVD_COMMIT"):
+        return os.environ["LVD_COMMIT"]
+    import subprocess
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or "unknown"
+
+
 def run_name(prompt, seed):
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "video"
     return f"{time.strftime('%Y%m%d-%H%M%S')}_{slug}_s{seed}"

@@ -94,10 +94,6 @@ def remove(model):
     return model
 
 
-def is_applied(model):
-    return type(model) in REFERENCE
-
-
 def _conv_layout(model, channels_last):
     """Conv weights to channels_last (temporal: _3d) or back to contiguous, in place: same Parameters, same keys."""
     for m in model.modules():

@@ -38,13 +38,6 @@ def run(argv, env=None):
     return wall, stages
 
 
-def commit():
-    if os.environ.get("LVD_COMMIT"):  # a copy without .git (a GPU machine)
-        return os.environ["LVD_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", help="a full-size model folder; made with random weights when missing")
@@ -53,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, 2 steps (numbers mean nothing)")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
+    from outputs import code_commit, write_report
     from weights.make_tiny import make_tiny
     work = tempfile.mkdtemp(prefix="lvd-bench-cli-")
     if args.smoke:
@@ -79,7 +73,7 @@ def main(argv=None):
     help_s = min(run(["lvd.py", "--help"])[0] for _ in range(3))
     import torch
     where = "CPU smoke run of the tiny model (numbers mean nothing)" if args.smoke else torch.cuda.get_device_name()
-    lines = [f"# `python lvd.py` as a user runs it: {where}, {datetime.date.today()}, commit {commit()}", "",
+    lines = [f"# `python lvd.py` as a user runs it: {where}, {datetime.date.today()}, commit {code_commit()}", "",
              f"Wall time from process start to exit (a subprocess each); the stages as the CLI reports them. "
              f"`python lvd.py --help`: {help_s:.2f} s, against {torch_s:.2f} s for `python -c \"import torch\"` "
              f"(best of 3 each).", "",
@@ -91,11 +85,7 @@ def main(argv=None):
                      + f" | {rest:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, args.out)  # atomic
+    write_report(args.out, text)
     return 0
 
 

@@ -35,6 +35,7 @@ if ROOT not in sys.path:
 import diffusers  # noqa: E402  (test-only reference)
 from diffusers import UNet3DConditionModel  # noqa: E402
 
+from outputs import code_commit, write_report  # noqa: E402
 from unet3d import UNet3D  # noqa: E402
 
 REAL = dict(  # unet/config.json of ali-vilab/text-to-video-ms-1.7b (§3.1)
@@ -118,7 +119,7 @@ def report(rows, extra, args, device, n_params, seconds):
         f"# UNet3D vs diffusers UNet3DConditionModel, {'tiny' if args.tiny else 'real 1.7B'} config, random weights",
         "",
         f"- device: {gpu}; date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
-        f"commit {commit()}",
+        f"commit {code_commit()}",
         "- paths: `reference` (unet3d.py as it is) and `fast` (`fast.apply`: fused kernels where Triton runs, "
         "channels-last, the shared prefix; eager, no CUDA graph)",
         f"- torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}",
@@ -138,14 +139,6 @@ def report(rows, extra, args, device, n_params, seconds):
     lines += ["", "For scale (not a pass criterion): diffusers fp16 vs diffusers fp32 on the same weights:"]
     lines += [f"- {s}: rel L2 {e:.2e}" for s, e in extra]
     return "\n".join(lines) + "\n"
-
-
-def commit():
-    import subprocess
-    if os.environ.get("LVD_COMMIT"):  # a copy without .git (a GPU machine)
-        return os.environ["LVD_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return out.stdout.strip() or "unknown"
 
 
 def both_paths(ref, ours, dtype, shapes, ctx_dim, device, rows, outs):
@@ -200,12 +193,7 @@ def main():
 
     text = report(rows, extra, args, device, n_params, time.time() - start)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, args.out)  # atomic
-    print(f"wrote {args.out}")
+    print(f"wrote {write_report(args.out, text)}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

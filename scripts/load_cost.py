@@ -194,12 +194,8 @@ def main():
             f"{growth / size:.2f} | {'n/a (info)' if ok is None else 'PASS' if ok else 'FAIL'} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, args.out)  # atomic
-    print(f"wrote {args.out}")
+    from outputs import write_report
+    print(f"wrote {write_report(args.out, text)}")
     return 0 if all(ok is not False for *_, ok in rows) else 1
 
 
