@@ -271,11 +271,18 @@ class GuidanceParams:
             raise ValueError("GuidanceParams: loss_scale, max_iter, max_index_step, com_loss_scale must be >= 0")
 
 
-PRESETS = {  # README commands of the official repo (§6); 'weak' thresholds per model: 16 vs 24 frames
-    "benchmark": dict(loss_scale=5.0, loss_threshold=200.0, max_iter=5, max_index_step=10, fg_top_p=0.75,
+# README commands of the official repo (§6); 'weak' thresholds per model: 16 vs 24 frames. The toy model
+# (8 frames, 24 heads over the six layers, 20 steps) scales them: τ by its energy of no in-box attention
+# (24·8/6 = 32 against 267), the guided steps to the first quarter (5 of 20, as 10 of 40).
+PRESETS = {
+    "benchmark": dict(loss_scale={"modelscope": 5.0, "zeroscope": 5.0, "toy": 5.0},
+                      loss_threshold={"modelscope": 200.0, "zeroscope": 200.0, "toy": 24.0}, max_iter=5,
+                      max_index_step={"modelscope": 10, "zeroscope": 10, "toy": 5}, fg_top_p=0.75,
                       bg_top_p=0.75, fg_weight=1.0, bg_weight=4.0, com_loss_scale=0.03),
-    "weak": dict(loss_scale=2.5, loss_threshold={"modelscope": 250.0, "zeroscope": 350.0}, max_iter=1,
-                 max_index_step=10, fg_top_p=0.25, bg_top_p=0.25, fg_weight=1.0, bg_weight=2.0, com_loss_scale=0.0),
+    "weak": dict(loss_scale={"modelscope": 2.5, "zeroscope": 2.5, "toy": 2.5},
+                 loss_threshold={"modelscope": 250.0, "zeroscope": 350.0, "toy": 30.0}, max_iter=1,
+                 max_index_step={"modelscope": 10, "zeroscope": 10, "toy": 5}, fg_top_p=0.25, bg_top_p=0.25,
+                 fg_weight=1.0, bg_weight=2.0, com_loss_scale=0.0),
 }
 
 
@@ -283,7 +290,7 @@ def preset(name, model="modelscope"):
     """GuidanceParams of a preset ('benchmark', 'weak'), or None for 'off' (the plain baseline)."""
     if name == "off":
         return None
-    if name not in PRESETS or model not in ("modelscope", "zeroscope"):
+    if name not in PRESETS or model not in ("modelscope", "zeroscope", "toy"):
         raise ValueError(f"preset: unknown preset {name!r} or model {model!r}; presets: off, {', '.join(PRESETS)}")
     return GuidanceParams(**{k: v[model] if isinstance(v, dict) else v for k, v in PRESETS[name].items()})
 

@@ -37,9 +37,11 @@ from weights.checkpoint import CheckpointError
 from weights.download import DownloadError, default_dest, download_command
 
 NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"  # §5, every method
-MODELS = {  # per-model presets (§5): output size and frame count
-    "modelscope": dict(height=256, width=256, frames=16),
-    "zeroscope": dict(height=320, width=576, frames=24),
+MODELS = {  # per-model presets (§5): output size, frames, steps, CFG scale, negative prompt
+    "modelscope": dict(height=256, width=256, frames=16, steps=40, cfg_scale=9.0, negative_prompt=NEGATIVE_PROMPT),
+    "zeroscope": dict(height=320, width=576, frames=24, steps=40, cfg_scale=9.0, negative_prompt=NEGATIVE_PROMPT),
+    # the toy model (scripts/train_toy.py): its native size, half the steps, trained with "" as the empty prompt
+    "toy": dict(height=128, width=128, frames=8, steps=20, cfg_scale=5.0, negative_prompt=""),
 }
 
 

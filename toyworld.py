@@ -142,6 +142,54 @@ def render(scene, frames=None, height=64, width=64):
     return video
 
 
+def render_batch(scenes, frames, height, width, device="cpu"):
+    """Batched torch `render`: float video (B, F, 3, H, W) in [0, 1] on `device`, for training on a GPU.
+    Same rule as `render` (painted in order over the background, pixel-centre tests in float32)."""
+    n_slots = max(len(s.objects) for s in scenes)
+    B = len(scenes)
+    shape = torch.full((B, n_slots), -1, dtype=torch.long)                 # -1: empty slot
+    colour, size = torch.zeros(B, n_slots, 3), torch.zeros(B, n_slots)
+    start, end = torch.zeros(B, n_slots, 2), torch.zeros(B, n_slots, 2)
+    for b, scene in enumerate(scenes):
+        for j, o in enumerate(scene.objects):
+            shape[b, j], size[b, j] = SHAPES.index(o.shape), o.size
+            colour[b, j] = torch.tensor(COLOURS[o.colour], dtype=torch.float32) / 255
+            start[b, j], end[b, j] = torch.tensor(o.start), torch.tensor(o.end)
+    shape, colour, size, start, end = (x.to(device) for x in (shape, colour, size, start, end))
+    t = torch.as_tensor(frame_times(frames), dtype=torch.float32, device=device)
+    c = start[:, :, None] + t[None, None, :, None] * (end - start)[:, :, None]  # (B, O, F, 2)
+    cx, cy = c[..., 0, None, None], c[..., 1, None, None]                  # (B, O, F, 1, 1)
+    ys = ((torch.arange(height, device=device) + 0.5) / height)[:, None]   # (H, 1)
+    xs = ((torch.arange(width, device=device) + 0.5) / width)[None, :]     # (1, W)
+    s = size[:, :, None, None, None]                                       # (B, O, 1, 1, 1)
+    top = cy - s
+    masks = torch.stack([
+        (xs - cx) ** 2 + (ys - cy) ** 2 <= s ** 2,                                           # ball
+        ((xs - cx).abs() <= s) & ((ys - cy).abs() <= s),                                   # square
+        (ys >= top) & (ys <= cy + s) & ((xs - cx).abs() <= (ys - top) / 2),                 # triangle
+    ])                                                                      # (3, B, O, F, H, W)
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32, device=device) / 255
+    video = bg[None, None, :, None, None].expand(B, frames, 3, height, width).clone()
+    for j in range(n_slots):
+        k = shape[:, j].clamp(min=0)
+        m = masks[k, torch.arange(B, device=device), j] & (shape[:, j] >= 0)[:, None, None, None]  # (B, F, H, W)
+        video = torch.where(m[:, :, None], colour[:, j, None, :, None, None], video)
+    return video
+
+
+def latents_of(video):
+    """The toy model's latent map E (its VAE encoder): video (B, F, 3, H, W) in [0, 1] -> latents
+    (B, 4, F, H/8, W/8): per 8×8 cell, the mean colour in [−1, 1] minus the background's (channels 0–2) and
+    the fraction of non-background pixels, doubled (channel 3). Fixed, not learned; the toy VAE decoder
+    is trained to invert it (scripts/train_toy.py)."""
+    B, F_, _, H, W = video.shape
+    bg = torch.tensor(BACKGROUND, dtype=video.dtype, device=video.device)[:, None, None] / 255
+    x = (video - bg).flatten(0, 1) * 2                                      # B F 3 H W -> (B F) 3 H W
+    cover = (x.abs().sum(1, keepdim=True) > 1e-3).to(x.dtype) * 2           # (B F) 1 H W
+    z = torch.nn.functional.avg_pool2d(torch.cat([x, cover], 1), 8)         # (B F) 4 h w
+    return z.unflatten(0, (B, F_)).transpose(1, 2)                          # (B F) 4 h w -> B 4 F h w
+
+
 # -----------------------------------------------------------------------------
 # 3. captions
 
