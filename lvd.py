@@ -45,6 +45,9 @@ MODELS = {  # per-model presets (§5): output size, frames, steps, CFG scale, ne
 }
 
 
+TOY_LAYOUTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "layouts", "toy.json")
+
+
 class LVDError(Exception):
     """A problem the user can fix (missing weights, out of memory, bad layout); the CLI prints it."""
 
@@ -66,6 +69,9 @@ class Pipeline:
 def load_pipeline(model_dir, device="cpu", dtype=torch.float32, model="modelscope"):
     """Load tokenizer, text encoder, UNet, VAE decoder and noise schedule from a diffusers-layout folder."""
     variant = "fp16" if dtype == torch.float16 else "fp32"
+    if not os.path.isdir(model_dir) and model == "toy":
+        raise LVDError(f"toy model folder {model_dir!r} not found; it ships with the repository (models/toy), "
+                       f"or train it with: python scripts/train_toy.py {model_dir}")
     if not os.path.isdir(model_dir):
         raise LVDError(f"model folder {model_dir!r} not found. Download the weights with:\n  "
                        f"{download_command(model, variant, model_dir)}\n(or run lvd.py with --download)")
@@ -198,17 +204,18 @@ def parse_args(argv=None):
                                         "--out DIR` runs batch.py (see `python batch.py --help`).")
     ap.add_argument("--prompt", required=True, help="what the video shows")
     ap.add_argument("--model", choices=sorted(MODELS), default="modelscope",
-                    help="ModelScope 1.7B (256x256, 16 frames) or its Zeroscope v2 576w fine-tune (576x320, 24)")
+                    help="ModelScope 1.7B (256x256, 16 frames), its Zeroscope v2 576w fine-tune (576x320, 24), or "
+                         "the toy model trained on moving shapes (128x128, 8; in the repository, runs on a CPU)")
     ap.add_argument("--model-dir", help="diffusers-layout weights folder (default: models/<model>)")
     ap.add_argument("--download", action="store_true", help="download missing weights first")
     ap.add_argument("--layout", help="a layout JSON file (skips the LLM)")
-    ap.add_argument("--frames", type=int, help="default: 16 (modelscope) / 24 (zeroscope)")
-    ap.add_argument("--height", type=int, help="default: 256 (modelscope) / 320 (zeroscope)")
-    ap.add_argument("--width", type=int, help="default: 256 (modelscope) / 576 (zeroscope)")
-    ap.add_argument("--steps", type=int, default=40, help="denoising steps")
-    ap.add_argument("--cfg", type=float, default=9.0, help="classifier-free guidance scale")
+    ap.add_argument("--frames", type=int, help="default: 16 (modelscope) / 24 (zeroscope) / 8 (toy)")
+    ap.add_argument("--height", type=int, help="default: 256 (modelscope) / 320 (zeroscope) / 128 (toy)")
+    ap.add_argument("--width", type=int, help="default: 256 (modelscope) / 576 (zeroscope) / 128 (toy)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default: 40; toy 20)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: 9; toy 5)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise (drawn on the CPU)")
-    ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="LVD's fixed negative prompt")
+    ap.add_argument("--negative-prompt", help="default: LVD's fixed negative prompt (toy: the empty prompt)")
     ap.add_argument("--solver", choices=["dpm", "ddim"], default="dpm", help="DPM-Solver++ 2M, or DDIM (use 50 steps)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: float16 on CUDA, else float32")
@@ -226,9 +233,12 @@ def parse_args(argv=None):
     p.add_argument("--llm-cache", default=os.path.join("cache", "layouts.json"), help="layout cache file")
     args = ap.parse_args(argv)
     preset = MODELS[args.model]
-    for k in ("frames", "height", "width"):
+    for k, key in (("frames",) * 2, ("height",) * 2, ("width",) * 2, ("steps",) * 2, ("cfg", "cfg_scale"),
+                   ("negative_prompt",) * 2):
         if getattr(args, k) is None:
-            setattr(args, k, preset[k])
+            setattr(args, k, preset[key])
+    if args.model == "toy" and args.download:
+        ap.error("--download: the toy model ships with the repository (models/toy); nothing to download")
     if args.height % 8 or args.width % 8 or min(args.height, args.width, args.frames, args.steps) <= 0:
         ap.error("--height/--width must be positive multiples of 8; --frames and --steps positive")
     bad_device = check_device(args.device)
@@ -244,7 +254,9 @@ def get_layout(args):
     if args.layout:
         return planner.Layout.load(args.layout)
     cache = planner.LayoutCache(args.llm_cache)
-    return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out)
+    examples = TOY_LAYOUTS if args.model == "toy" else planner.EXAMPLES_PATH  # the demo prompts' layouts
+    return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out,
+                        examples=examples)
 
 
 def main(argv=None):
