@@ -11,7 +11,7 @@ the smallest model of the same architecture that learns something, so that LVD's
 
 What is trained and what is not:
 - **UNet** (`unet/`, 5.6M parameters, channels 32/64/64/64, head dim 16): trained from scratch with the
-  standard epsilon loss on the real scheduler's 1000-step scaled-linear schedule, t uniform; captions are
+  standard epsilon loss (scenes of 1 or 2 objects) on the real scheduler's 1000-step scaled-linear schedule, t uniform; captions are
   dropped to "" 10% of the time (classifier-free guidance) and get ", grey background" (the suffix LVD's
   token lookup adds, §3.1) half of the time. AdamW, bf16 autocast, an EMA of the weights is what is saved.
 - **VAE decoder** (`vae/`, channels 16/32/64/64, 1 resnet a block + 1): trained first, by regression, to
@@ -65,8 +65,8 @@ def log(msg):
 
 
 def sample_batch(rng, n, device):
-    """n random scenes -> (captions, video (n, F, 3, H, W) in [0, 1])."""
-    scenes = [toyworld.sample_scene(rng, FRAMES) for _ in range(n)]
+    """n random scenes of 1 or 2 objects -> (captions, video (n, F, 3, H, W) in [0, 1])."""
+    scenes = [toyworld.sample_scene(rng, FRAMES, n_objects=int(rng.integers(1, 3))) for _ in range(n)]
     caps = []
     for s in scenes:
         r = rng.random()
@@ -117,8 +117,8 @@ def train_unet(unet, text, rng, steps, batch, device, max_minutes):
     schedule = sampler.NoiseSchedule.from_config(SCHEDULER)
     ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=4e-4, weight_decay=0.01)
-    warm = max(1, min(500, steps // 10))
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    warm = max(1, min(200, steps // 10))
     lr = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
     unet.train()
@@ -182,8 +182,8 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=8000, help="UNet training steps")
-    ap.add_argument("--batch", type=int, default=64, help="videos per UNet step")
-    ap.add_argument("--decoder-steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32, help="videos per UNet step")
+    ap.add_argument("--decoder-steps", type=int, default=1000)
     ap.add_argument("--max-minutes", type=float, default=8.0, help="stop the UNet training after this long")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
