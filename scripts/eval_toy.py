@@ -59,6 +59,23 @@ def held_out_scenes(n, seed, frames):
     return [toyworld.sample_scene(rng, frames, n_objects=int(rng.integers(1, 3))) for _ in range(n)]
 
 
+def attention_in_out(guide):
+    """Where the maps fail: per guided layer, the object tokens' mean attention inside their boxes over their mean
+    attention outside (heads, frames and objects pooled), from the last guidance pass. 1.0: no localisation."""
+    out = {}
+    if guide.last_maps is None:
+        return out
+    for path, a in guide.last_maps.items():                                 # (f, n, q, 77)
+        m = guide.masks[path].flatten(2).to(a.device)                       # (O, f, h, w) -> (O, f, q)
+        ins, outs = 0.0, 0.0
+        for o, pos in enumerate(guide.token_positions):
+            att = a[..., pos].float().mean((1, -1))                         # (f, n, q, |P|) -> (f, q)
+            ins += float((att * m[o]).sum() / m[o].sum().clamp(min=1))
+            outs += float((att * (1 - m[o])).sum() / (1 - m[o]).sum().clamp(min=1))
+        out[path] = ins / max(outs, 1e-12)
+    return out
+
+
 def evaluate(pipe, scenes, params, preset, device_note="", on_video=None):
     """-> list of per-layout dicts {'prompt', 'objects', 'unguided', 'guided', 'energy'}."""
     rows = []
@@ -73,6 +90,7 @@ def evaluate(pipe, scenes, params, preset, device_note="", on_video=None):
             if guidance is not None:
                 hist = info["guidance_history"]
                 row["energy"] = (hist[0][3], hist[-1][3]) if hist else None
+                row["in_out"] = attention_in_out(info["guidance"])
         rows.append(row)
         if on_video:
             on_video(i, row)
@@ -88,16 +106,25 @@ def table(rows, params, preset, meta):
     def cell(x):
         lo, hi = wilson(int(x.sum()), len(x))
         return f"{x.mean():.1%} [{lo:.1%}, {hi:.1%}]"
-    ratio = b.mean() / a.mean() if a.mean() else math.inf
-    lo, hi = ratio_interval(a, b)
-    lines.append(f"| {n} | {cell(a)} | {cell(b)} | {ratio:.2f}× [{lo:.2f}, {hi:.2f}] |")
+    if a.mean():
+        lo, hi = ratio_interval(a, b)
+        ratio = f"{b.mean() / a.mean():.2f}× [{lo:.2f}, {hi:.2f}]"
+    else:
+        ratio = "undefined (unguided 0)"
+    lines.append(f"| {n} | {cell(a)} | {cell(b)} | {ratio} |")
     for k in (1, 2):
         sel = [r for r in rows if r["objects"] == k]
         if sel:
             ak = np.array([r["unguided"] for r in sel], float)
             bk = np.array([r["guided"] for r in sel], float)
-            rk = bk.mean() / ak.mean() if ak.mean() else math.inf
-            lines.append(f"| {len(sel)} with {k} object{'s' * (k > 1)} | {cell(ak)} | {cell(bk)} | {rk:.2f}× |")
+            rk = f"{bk.mean() / ak.mean():.2f}×" if ak.mean() else "undefined"
+            lines.append(f"| {len(sel)} with {k} object{'s' * (k > 1)} | {cell(ak)} | {cell(bk)} | {rk} |")
+    layers = [r["in_out"] for r in rows if r.get("in_out")]
+    if layers:
+        lines += ["", "Object-token attention inside the boxes over outside, mean over the guided videos (last pass; "
+                  "1.0 = the map does not localise):", "", "| guided layer | in / out |", "| --- | --- |"]
+        lines += [f"| `{path.replace('.transformer_blocks.0.attn2', '')}` | {np.mean([d[path] for d in layers]):.2f} |"
+                  for path in layers[0]]
     return "\n".join(lines)
 
 
