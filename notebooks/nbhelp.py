@@ -9,7 +9,8 @@ Official implementation: none (the official repository has no notebooks).
 Differences: not applicable. Conventions:
 - `setup()` uses the real weights when the environment variable LVD_MODEL_DIR names a model folder
   (python weights/download.py writes one), and otherwise writes the tiny random checkpoint of
-  weights/make_tiny.py to a temporary folder. It prints which, and the sizes the notebook will use.
+  weights/make_tiny.py to a temporary folder; `setup(toy=True)` (notebooks 3 and 4) uses the committed toy
+  model instead. It prints which, and the sizes the notebook will use.
 - `show(image, name)` writes `name.png` to $LVD_NOTEBOOK_OUT (default: notebooks/_out), prints the
   path, and displays the image when running inside a Jupyter kernel.
 
@@ -30,32 +31,45 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lvd  # noqa: E402
+import planner  # noqa: E402
 from weights.make_tiny import make_tiny  # noqa: E402
 
 DEMO_PROMPT = "A bear walks from the left to the right"
+TOY_PROMPT = "a red ball moving from the left to the right"  # a bundled toy layout: the ball goes along the top
 TINY = dict(frames=8, height=128, width=128, steps=8)  # small enough for a CPU: all four notebooks in < 1 min
 
 
 # -----------------------------------------------------------------------------
 # weights and settings
 
-def setup():
-    """-> SimpleNamespace(root, model_dir, real, model, device, dtype, frames, height, width, steps, out)."""
+def setup(toy=False):
+    """-> SimpleNamespace(root, model_dir, kind ('real', 'toy' or 'tiny'), real, model, device, dtype, frames,
+    height, width, steps, cfg_scale, negative_prompt, prompt, out) with `plan()`, the prompt's layout.
+    toy=True: without LVD_MODEL_DIR, the committed toy model (models/toy) instead of the tiny random one."""
     out = Path(os.environ.get("LVD_NOTEBOOK_OUT") or ROOT / "notebooks" / "_out")
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = types.SimpleNamespace(root=ROOT, out=out, device=device, model="modelscope", real=False, model_dir=None,
-                              dtype=torch.float16 if device == "cuda" else torch.float32)
+                              dtype=torch.float16 if device == "cuda" else torch.float32, prompt=DEMO_PROMPT,
+                              cfg_scale=9.0, negative_prompt=lvd.NEGATIVE_PROMPT, kind="tiny")
+    s.plan = lambda: planner.plan(s.prompt, examples=lvd.TOY_LAYOUTS if s.kind == "toy" else planner.EXAMPLES_PATH)
     env = os.environ.get("LVD_MODEL_DIR")
     if env:
         s.model = os.environ.get("LVD_MODEL", "modelscope")  # or zeroscope (sizes and presets follow it)
         if s.model not in lvd.MODELS or not os.path.isfile(os.path.join(env, "unet", "config.json")):
             raise FileNotFoundError(f"LVD_MODEL_DIR={env!r} (LVD_MODEL={s.model!r}) is not a model folder; fetch "
                                     f"the weights with: {lvd.download_command('modelscope', 'fp16', env)}")
-        s.model_dir, s.real = env, True
-        s.__dict__.update(lvd.MODELS[s.model], steps=40)
+        s.model_dir, s.real, s.kind = env, True, "real"
+        s.__dict__.update(lvd.MODELS[s.model])
         print(f"Using the REAL {s.model} weights in {env} on {device} ({str(s.dtype)[6:]}): "
               f"{s.frames} frames, {s.height}x{s.width}, {s.steps} steps.")
+    elif toy:
+        s.kind, s.model, s.model_dir, s.prompt = "toy", "toy", str(ROOT / "models" / "toy"), TOY_PROMPT
+        s.dtype = torch.float32
+        s.__dict__.update(lvd.MODELS["toy"])
+        print(f"LVD_MODEL_DIR is not set: using the TOY model trained on moving shapes (models/toy, "
+              f"scripts/train_toy.py) on {device}: {s.frames} frames, {s.height}x{s.width}, {s.steps} steps, "
+              f"CFG {s.cfg_scale:g}.\nIts layouts ship in data/layouts/toy.json; the prompt is {s.prompt!r}.")
     else:
         s.__dict__.update(TINY)
         s.model_dir = tiny_checkpoint()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import attention
 import lvd
 import planner
 import toyworld as T
@@ -78,3 +79,55 @@ def test_wilson_interval_and_paired_ratio_interval():
     b = np.array([1, 1, 0, 0] * 25, float)
     lo, hi = ev.ratio_interval(a, b)
     assert lo <= 2.0 <= hi and lo > 1.0
+
+
+# -----------------------------------------------------------------------------
+# the committed model (models/toy)
+
+@pytest.fixture(scope="module")
+def toy():
+    return lvd.load_pipeline(str(TOY_DIR), "cpu", torch.float32, "toy")
+
+
+def test_committed_model_has_the_training_scripts_configs(toy):
+    train = _script("train_toy")
+    for sub, cfg in (("unet", train.UNET_CFG), ("vae", train.VAE_CFG), ("text_encoder", train.TEXT_CFG)):
+        assert json.loads((TOY_DIR / sub / "config.json").read_text()) == cfg, sub
+    info = json.loads((TOY_DIR / "training.json").read_text())
+    assert info["unet_steps"] > 0 and info["device"]                       # where and how long it was trained
+    size = sum(p.stat().st_size for p in TOY_DIR.rglob("*") if p.is_file())
+    assert size <= 25e6, f"the committed toy model is {size / 1e6:.1f} MB (issue 22: ≤ 25 MB)"
+
+
+def test_trained_decoder_inverts_the_latent_map(toy):
+    """The decoder was trained to undo `latents_of`: the exact colour detector finds every object of the
+    decoded frames at its true centre (within 1.5 px at 128 px) and with its area within 25%. Measured on these
+    scenes: 0.31 px and 12.6% at most (deterministic; the bounds test the decoder's sharpness, not noise)."""
+    rng = np.random.default_rng(11)
+    scenes = [T.sample_scene(rng, frames=4, n_objects=1) for _ in range(6)]
+    z = T.latents_of(T.render_batch(scenes, 4, 128, 128))                  # (B, 4, F, 16, 16)
+    for scene, lat in zip(scenes, z):
+        frames = lvd.decode(toy, lat[None])                                # (F, 128, 128, 3) uint8
+        truth = T.render(scene, 4, 128, 128)
+        for k in range(4):
+            got = T.detect(frames[k], scene.objects[0].colour)
+            want = T.detect(truth[k], scene.objects[0].colour)
+            assert got is not None, (scene, k)
+            assert abs(got[0] - want[0]) * 128 <= 1.5 and abs(got[1] - want[1]) * 128 <= 1.5, (got, want)
+            assert abs(got[2] / want[2] - 1) <= 0.25, (got, want)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22 open: the committed model is undertrained (1,201 UNet steps); its "
+                   "object-token attention does not localise (in/out ≈ 1.0 in the six guided layers, "
+                   "results/toy_eval.md), so the guidance cannot move the object. Strict: passing fails the suite.")
+def test_guidance_moves_the_object_into_its_box(toy):
+    """The demo layout (a red ball along the top, left to right), one seed: the guided video places the ball in its
+    box (toyworld.score: centre in the box in ≥ 75% of the frames) and the unguided one does not."""
+    scene = _script("toy_layouts").scenes()[0]
+    layout = T.to_layout(scene)
+    params = attention.preset("benchmark", "toy")
+    runs = {}
+    for name, guidance in (("unguided", None), ("guided", params)):
+        frames = lvd.generate(toy, layout.prompt, layout, guidance=guidance, seed=0, **lvd.MODELS["toy"])
+        runs[name] = T.score(frames, scene)
+    assert runs["guided"]["passed"] and not runs["unguided"]["passed"], runs
