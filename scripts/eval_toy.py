@@ -101,7 +101,7 @@ def table(rows, params, preset, meta):
     a = np.array([r["unguided"] for r in rows], float)
     b = np.array([r["guided"] for r in rows], float)
     n = len(rows)
-    lines = [f"| layouts | unguided | guided | ratio (guided / unguided) |", "| --- | --- | --- | --- |"]
+    lines = ["| layouts | unguided | guided | ratio (guided / unguided) |", "| --- | --- | --- | --- |"]
 
     def cell(x):
         lo, hi = wilson(int(x.sum()), len(x))

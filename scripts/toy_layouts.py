@@ -7,7 +7,6 @@ layout of a demo prompt without an LLM, as the shipped examples work for ModelSc
 objects where the caption does not: the captions name only shapes, colours and directions, so without
 guidance the model chooses the positions itself.
 """
-import json
 import os
 import sys
 from pathlib import Path
