@@ -186,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--decoder-steps", type=int, default=1000)
     ap.add_argument("--max-minutes", type=float, default=8.0, help="stop the UNet training after this long")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="continue training the model in this folder (with --decoder-steps 0: keep its decoder)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -195,20 +196,26 @@ def main(argv=None):
     start = time.perf_counter()
 
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    with torch.device(device):
-        encoder = _perturb(CLIPTextEncoder(config_from_json(CLIPTextConfig, TEXT_CFG)),
-                           torch.Generator(device).manual_seed(args.seed + 1)).eval().requires_grad_(False)
-        vae = VAEDecoder(config_from_json(VAEConfig, VAE_CFG))
-        unet = UNet3D(config_from_json(UNet3DConfig, UNET_CFG))
+    if args.init:  # continue from a trained folder (its frozen text encoder included)
+        sub = lambda name: os.path.join(args.init, name)
+        encoder = CLIPTextEncoder.from_pretrained(sub("text_encoder"), device, torch.float32).requires_grad_(False)
+        vae = VAEDecoder.from_pretrained(sub("vae"), device, torch.float32).requires_grad_(True)
+        unet = UNet3D.from_pretrained(sub("unet"), device, torch.float32).requires_grad_(True)
+    else:
+        with torch.device(device):
+            encoder = _perturb(CLIPTextEncoder(config_from_json(CLIPTextConfig, TEXT_CFG)),
+                               torch.Generator(device).manual_seed(args.seed + 1)).eval().requires_grad_(False)
+            vae = VAEDecoder(config_from_json(VAEConfig, VAE_CFG))
+            unet = UNet3D(config_from_json(UNet3DConfig, UNET_CFG))
     text_state = {"text_model." + k: v for k, v in encoder.state_dict().items()}
     text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
 
     log(f"VAE decoder: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.decoder_steps} steps")
-    vae = train_decoder(vae, rng, args.decoder_steps, 256, device)
+    vae = train_decoder(vae, rng, args.decoder_steps, 256, device) if args.decoder_steps else vae.eval()
     log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {args.steps} steps of {args.batch}")
     ema, done = train_unet(unet, TextCache(tokenizer, encoder), rng, args.steps, args.batch, device, args.max_minutes)
     seconds = time.perf_counter() - start
-    info = {"seed": args.seed, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
+    info = {"seed": args.seed, "init": args.init, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
             "train_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LVD_COMMIT", "")}
     write_folder(args.out_dir, ema, text_state, vae, args.seed, info)

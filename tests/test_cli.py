@@ -115,8 +115,9 @@ def test_help_shows_each_default_once(capsys):
     with pytest.raises(SystemExit):
         lvd.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for want in ("denoising steps (default: 40)", "(default: 9.0)", "(drawn on the CPU) (default: 0)",
-                 "guidance iterations per step (benchmark: 5; weak: 1)", "default: 16 (modelscope) / 24 (zeroscope)"):
+    for want in ("denoising steps (default: 40; toy 20)", "(default: 9; toy 5)", "(drawn on the CPU) (default: 0)",
+                 "guidance iterations per step (benchmark: 5; weak: 1)",
+                 "default: 16 (modelscope) / 24 (zeroscope) / 8 (toy)"):
         assert want in text, want
     assert "(default: None)" not in text and "(default: False)" not in text and text.count("(default:") >= 8
 
