@@ -275,12 +275,10 @@ class GuidanceParams:
 # (8 frames, 24 heads over the six layers, 20 steps) scales them: τ by its energy of no in-box attention
 # (24·8/6 = 32 against 267), the guided steps to the first quarter (5 of 20, as 10 of 40).
 PRESETS = {
-    "benchmark": dict(loss_scale={"modelscope": 5.0, "zeroscope": 5.0, "toy": 5.0},
-                      loss_threshold={"modelscope": 200.0, "zeroscope": 200.0, "toy": 24.0}, max_iter=5,
+    "benchmark": dict(loss_scale=5.0, loss_threshold={"modelscope": 200.0, "zeroscope": 200.0, "toy": 24.0}, max_iter=5,
                       max_index_step={"modelscope": 10, "zeroscope": 10, "toy": 5}, fg_top_p=0.75,
                       bg_top_p=0.75, fg_weight=1.0, bg_weight=4.0, com_loss_scale=0.03),
-    "weak": dict(loss_scale={"modelscope": 2.5, "zeroscope": 2.5, "toy": 2.5},
-                 loss_threshold={"modelscope": 250.0, "zeroscope": 350.0, "toy": 30.0}, max_iter=1,
+    "weak": dict(loss_scale=2.5, loss_threshold={"modelscope": 250.0, "zeroscope": 350.0, "toy": 30.0}, max_iter=1,
                  max_index_step={"modelscope": 10, "zeroscope": 10, "toy": 5}, fg_top_p=0.25, bg_top_p=0.25,
                  fg_weight=1.0, bg_weight=2.0, com_loss_scale=0.0),
 }

@@ -59,8 +59,6 @@ def knob_help(knob):
     values = []
     for name, preset in attention.PRESETS.items():
         v = preset[knob]
-        if isinstance(v, dict) and len(set(v.values())) == 1:
-            v = next(iter(v.values()))
         values.append(f"{name}: " + ("/".join(f"{x:g}" for x in v.values()) + " " + "/".join(v)
                                      if isinstance(v, dict) else f"{v:g}"))
     return f"{KNOB_TEXT[knob]} ({'; '.join(values)})"

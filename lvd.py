@@ -69,11 +69,10 @@ class Pipeline:
 def load_pipeline(model_dir, device="cpu", dtype=torch.float32, model="modelscope"):
     """Load tokenizer, text encoder, UNet, VAE decoder and noise schedule from a diffusers-layout folder."""
     variant = "fp16" if dtype == torch.float16 else "fp32"
-    if not os.path.isdir(model_dir) and model == "toy":
-        raise LVDError(f"toy model folder {model_dir!r} not found; it ships with the repository (models/toy), "
-                       f"or train it with: python scripts/train_toy.py {model_dir}")
     if not os.path.isdir(model_dir):
-        raise LVDError(f"model folder {model_dir!r} not found. Download the weights with:\n  "
+        raise LVDError(f"toy model folder {model_dir!r} not found; it ships with the repository (models/toy), "
+                       f"or train it with: python scripts/train_toy.py {model_dir}" if model == "toy" else
+                       f"model folder {model_dir!r} not found. Download the weights with:\n  "
                        f"{download_command(model, variant, model_dir)}\n(or run lvd.py with --download)")
     device = torch.device(device)
     sub = lambda name: os.path.join(model_dir, name)
@@ -254,9 +253,13 @@ def get_layout(args):
     if args.layout:
         return planner.Layout.load(args.layout)
     cache = planner.LayoutCache(args.llm_cache)
-    examples = TOY_LAYOUTS if args.model == "toy" else planner.EXAMPLES_PATH  # the demo prompts' layouts
     return planner.plan(args.prompt, base_url=args.llm_base_url, model=args.llm_model, cache=cache, run_dir=args.out,
-                        examples=examples)
+                        examples=layout_examples(args.model))
+
+
+def layout_examples(model):
+    """The shipped layouts of a model's demo prompts: the toy world's, or the released GPT-4 examples."""
+    return TOY_LAYOUTS if model == "toy" else planner.EXAMPLES_PATH
 
 
 def main(argv=None):

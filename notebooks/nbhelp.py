@@ -52,7 +52,7 @@ def setup(toy=False):
     s = types.SimpleNamespace(root=ROOT, out=out, device=device, model="modelscope", real=False, model_dir=None,
                               dtype=torch.float16 if device == "cuda" else torch.float32, prompt=DEMO_PROMPT,
                               cfg_scale=9.0, negative_prompt=lvd.NEGATIVE_PROMPT, kind="tiny")
-    s.plan = lambda: planner.plan(s.prompt, examples=lvd.TOY_LAYOUTS if s.kind == "toy" else planner.EXAMPLES_PATH)
+    s.plan = lambda: planner.plan(s.prompt, examples=lvd.layout_examples(s.model))
     env = os.environ.get("LVD_MODEL_DIR")
     if env:
         s.model = os.environ.get("LVD_MODEL", "modelscope")  # or zeroscope (sizes and presets follow it)

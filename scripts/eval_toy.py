@@ -76,7 +76,7 @@ def attention_in_out(guide):
     return out
 
 
-def evaluate(pipe, scenes, params, preset, device_note="", on_video=None):
+def evaluate(pipe, scenes, params, preset, on_video=None):
     """-> list of per-layout dicts {'prompt', 'objects', 'unguided', 'guided', 'energy'}."""
     rows = []
     for i, scene in enumerate(scenes):
@@ -97,28 +97,28 @@ def evaluate(pipe, scenes, params, preset, device_note="", on_video=None):
     return rows
 
 
-def table(rows, params, preset, meta):
-    a = np.array([r["unguided"] for r in rows], float)
-    b = np.array([r["guided"] for r in rows], float)
-    n = len(rows)
+def table(rows):
     lines = ["| layouts | unguided | guided | ratio (guided / unguided) |", "| --- | --- | --- | --- |"]
 
     def cell(x):
         lo, hi = wilson(int(x.sum()), len(x))
         return f"{x.mean():.1%} [{lo:.1%}, {hi:.1%}]"
-    if a.mean():
-        lo, hi = ratio_interval(a, b)
-        ratio = f"{b.mean() / a.mean():.2f}× [{lo:.2f}, {hi:.2f}]".replace("inf", "∞")
-    else:
-        ratio = "undefined (unguided 0)"
-    lines.append(f"| {n} | {cell(a)} | {cell(b)} | {ratio} |")
-    for k in (1, 2):
-        sel = [r for r in rows if r["objects"] == k]
-        if sel:
-            ak = np.array([r["unguided"] for r in sel], float)
-            bk = np.array([r["guided"] for r in sel], float)
-            rk = f"{bk.mean() / ak.mean():.2f}×" if ak.mean() else "undefined"
-            lines.append(f"| {len(sel)} with {k} object{'s' * (k > 1)} | {cell(ak)} | {cell(bk)} | {rk} |")
+    groups = [(str(len(rows)), rows, True)]  # all layouts (with the ratio's interval), then by object count
+    groups += [(f"{sum(r['objects'] == k for r in rows)} with {k} object{'s' * (k > 1)}",
+                [r for r in rows if r["objects"] == k], False) for k in (1, 2)]
+    for label, sel, interval in groups:
+        if not sel:
+            continue
+        a = np.array([r["unguided"] for r in sel], float)
+        b = np.array([r["guided"] for r in sel], float)
+        if not a.mean():
+            ratio = "undefined (unguided 0)" if interval else "undefined"
+        elif interval:
+            lo, hi = ratio_interval(a, b)
+            ratio = f"{b.mean() / a.mean():.2f}× [{lo:.2f}, {hi:.2f}]".replace("inf", "∞")
+        else:
+            ratio = f"{b.mean() / a.mean():.2f}×"
+        lines.append(f"| {label} | {cell(a)} | {cell(b)} | {ratio} |")
     layers = [r["in_out"] for r in rows if r.get("in_out")]
     if layers:
         lines += ["", "Object-token attention inside the boxes over outside, mean over the guided videos (last pass; "
@@ -157,7 +157,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     meta = (f"{time.strftime('%Y-%m-%d')}, {device}, commit {code_commit()}, {seconds:.0f} s for "
             f"{2 * len(rows)} videos; guidance {params}; sampling {preset}")
-    text = table(rows, params, preset, meta)
+    text = table(rows)
     print(text + "\n\n" + meta)
     if args.out:
         write_report(args.out, "# Toy model: video layout accuracy, unguided vs LVD guidance\n\n"

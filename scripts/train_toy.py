@@ -45,11 +45,13 @@ if ROOT not in sys.path:
 
 import sampler  # noqa: E402
 import toyworld  # noqa: E402
+from outputs import code_commit  # noqa: E402
 from text_encoder import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 from vae import VAEConfig, VAEDecoder  # noqa: E402
 from weights.checkpoint import config_from_json  # noqa: E402
-from weights.make_tiny import MODEL_INDEX, SCHEDULER, TOKENIZER_DIR, UNET, TEXT, VAE, _VAEEncoderTree, _perturb, _write  # noqa: E402
+from weights.make_tiny import (SCHEDULER, TOKENIZER_DIR, UNET, TEXT, VAE, _VAEEncoderTree, _perturb,  # noqa: E402
+                               _write, write_pipeline_files)
 
 FRAMES, SIZE = 8, 128
 UNET_CFG = {**UNET, "block_out_channels": [32, 64, 64, 64], "attention_head_dim": 16, "norm_num_groups": 16,
@@ -157,14 +159,7 @@ def write_folder(out_dir, unet, text_state, vae, seed, info):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    with open(os.path.join(tmp, "model_index.json"), "w") as fh:
-        json.dump(MODEL_INDEX, fh, indent=2)
-    os.makedirs(os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as fh:
-        json.dump(SCHEDULER, fh, indent=2)
-    os.makedirs(os.path.join(tmp, "tokenizer"))
-    for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(tmp, "tokenizer", f))
+    write_pipeline_files(tmp)
     _write(os.path.join(tmp, "unet"), "diffusion_pytorch_model", UNET_CFG, half(unet.state_dict()), False)
     _write(os.path.join(tmp, "text_encoder"), "model", TEXT_CFG, half(text_state), False)
     enc = _perturb(_VAEEncoderTree(vae.config), torch.Generator().manual_seed(seed + 3))
@@ -217,7 +212,7 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     info = {"seed": args.seed, "init": args.init, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
             "train_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LVD_COMMIT", "")}
+            else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": code_commit()}
     write_folder(args.out_dir, ema, text_state, vae, args.seed, info)
     log(f"wrote {args.out_dir} after {seconds / 60:.1f} min ({done} UNet steps)")
 

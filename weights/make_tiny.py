@@ -142,10 +142,8 @@ def _write(folder, name, config, tensors, fp16_variant):
         save_file(half, os.path.join(folder, f"{name}.fp16.safetensors"), metadata={"format": "pt"})
 
 
-def make_tiny(out_dir, seed=0, fp16_variants=False, full=False, device="cpu"):
-    """Write the tiny (or, with full=True, the real-size) random model folder to `out_dir`; return its path."""
-    unet_cfg, text_cfg, vae_cfg = (FULL["unet"], FULL["text"], FULL["vae"]) if full else (UNET, TEXT, VAE)
-    gen = torch.Generator(device).manual_seed(seed)
+def write_pipeline_files(out_dir):
+    """model_index.json, scheduler/ and tokenizer/ (the real CLIP tokenizer): the folder's weight-free part."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model_index.json"), "w") as fh:
         json.dump(MODEL_INDEX, fh, indent=2)
@@ -157,6 +155,12 @@ def make_tiny(out_dir, seed=0, fp16_variants=False, full=False, device="cpu"):
     for f in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(tok, f))
 
+
+def make_tiny(out_dir, seed=0, fp16_variants=False, full=False, device="cpu"):
+    """Write the tiny (or, with full=True, the real-size) random model folder to `out_dir`; return its path."""
+    unet_cfg, text_cfg, vae_cfg = (FULL["unet"], FULL["text"], FULL["vae"]) if full else (UNET, TEXT, VAE)
+    gen = torch.Generator(device).manual_seed(seed)
+    write_pipeline_files(out_dir)
     with torch.device(device):
         unet = _perturb(UNet3D(config_from_json(UNet3DConfig, unet_cfg)), gen)
     _write(os.path.join(out_dir, "unet"), "diffusion_pytorch_model", unet_cfg, unet.state_dict(), fp16_variants)
