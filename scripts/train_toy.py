@@ -10,16 +10,18 @@ Official counterpart: none. ModelScope's 1.7B model was trained by its authors o
 the smallest model of the same architecture that learns something, so that LVD's guidance can be seen.
 
 What is trained and what is not:
-- **UNet** (`unet/`, 5.6M parameters, channels 32/64/64/64, head dim 16): trained from scratch with the
-  standard epsilon loss (scenes of 1 or 2 objects) on the real scheduler's 1000-step scaled-linear schedule, t uniform; captions are
-  dropped to "" 10% of the time (classifier-free guidance) and get ", grey background" (the suffix LVD's
-  token lookup adds, §3.1) half of the time. AdamW, bf16 autocast, an EMA of the weights is what is saved.
+- **UNet** (`unet/`, 5.6M parameters, channels 32/64/64/64, head dim 16) and **text encoder** (`text_encoder/`,
+  CLIP 2 layers × 32 wide, the real 49,408-token vocabulary and the real tokenizer): trained together from
+  scratch with the standard epsilon loss (scenes of 1 or 2 objects) on the real scheduler's 1000-step
+  scaled-linear schedule, t uniform, as LDM trains its text transformer with the UNet; captions are dropped to
+  "" 10% of the time (classifier-free guidance) and get ", grey background" (the suffix LVD's token lookup adds,
+  §3.1) half of the time. AdamW, bf16 autocast, the whole step replayed as one CUDA graph; an EMA of the weights
+  is what is saved. (A frozen random encoder, as in the first runs, gave "green" and "blue" embeddings of
+  cosine 0.87 and 0.99 on the next token: green prompts drew blue.)
 - **VAE decoder** (`vae/`, channels 16/32/64/64, 1 resnet a block + 1): trained first, by regression, to
   invert the fixed latent map `toyworld.latents_of` (8×8 mean colour and coverage); its inverse is sharp
   enough for the colour detector. The **VAE encoder** half is random: lvd never runs it, it is there so the
   file has the published key set (as in weights/make_tiny.py).
-- **Text encoder** (`text_encoder/`, CLIP 2 layers × 32 wide, the real 49,408-token vocabulary and the real
-  tokenizer): random and frozen (seeded). The UNet learns to read it through its cross-attention.
 - Native size 128×128, 8 frames (latent 16×16, guided-layer grids 8×8 and 4×4). All files are stored in fp16
   (the loader converts to the requested dtype).
 
@@ -76,81 +78,155 @@ def sample_batch(rng, n, device):
     return caps, toyworld.render_batch(scenes, FRAMES, SIZE, SIZE, device)
 
 
-class TextCache:
-    """caption -> frozen text embedding (77, d), computed once per distinct caption."""
+class TokenCache:
+    """caption -> token ids (77,), tokenized once per distinct caption (there are a few thousand)."""
 
-    def __init__(self, tokenizer, encoder):
-        self.tokenizer, self.encoder, self.cache = tokenizer, encoder, {}
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
 
-    @torch.no_grad()
     def __call__(self, captions):
         new = sorted({c for c in captions if c not in self.cache})
         if new:
-            dev = next(self.encoder.parameters()).device
-            for c, e in zip(new, self.encoder(self.tokenizer(new).to(dev))):
-                self.cache[c] = e
+            self.cache.update(zip(new, self.tokenizer(new)))
         return torch.stack([self.cache[c] for c in captions])
+
+
+def encode(encoder, ids):
+    """CLIPTextEncoder.forward without its input checks (they read values back to the host, which a CUDA
+    graph cannot do): ids (b, 77) -> (b, 77, d)."""
+    x = encoder.embeddings(ids)
+    for layer in encoder.encoder.layers:
+        x = layer(x)
+    return encoder.final_layer_norm(x)
+
+
+def schedule(step, progress, warmup):
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine from 1 to 0.1 as progress goes 0 -> 1."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def graphed(step, device, warmup=3):
+    """Run `step` (no arguments: it reads and writes fixed tensors) once per call, as one CUDA graph on a GPU.
+
+    A step of this small model is ~3,000 kernel launches and little work each, so eager training is bound by
+    the host (0.25 s a step at 64 videos on an H100, results/toy_training.md); replaying the captured graph
+    costs one launch. The warm-up steps run on a side stream before the capture (they train too), as
+    `torch.cuda.graphs` asks. On the CPU, or if the capture fails, `step` runs eagerly."""
+    if device.type != "cuda":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    except RuntimeError as e:
+        log(f"CUDA graph capture failed ({str(e).splitlines()[0]}); training eagerly")
+        return step
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def make_optimizer(params, lr, device):
+    """AdamW whose learning rate is a tensor, so that a captured step reads the value set before each replay."""
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=torch.tensor(lr, device=device) if cuda else lr, weight_decay=0.01,
+                            fused=cuda, capturable=cuda)
+    return opt, lambda factor: opt.param_groups[0]["lr"].fill_(lr * factor) if cuda else \
+        opt.param_groups[0].__setitem__("lr", lr * factor)
+
+
+def autocast(device):
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
 
 
 def train_decoder(vae, rng, steps, batch, device):
     """Regression of the VAE decoder onto the frames, from their latents (L1 + MSE, AdamW, cosine lr)."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.05)
-    vae.train()
-    for step in range(steps):
-        _, video = sample_batch(rng, batch // FRAMES, device)
-        z = toyworld.latents_of(video)                                         # (b, 4, F, h, w)
-        z = z.transpose(1, 2).flatten(0, 1)                                   # b 4 F h w -> (b F) 4 h w
-        target = video.flatten(0, 1) * 2 - 1                                  # (b F) 3 H W in [-1, 1]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    opt, set_lr = make_optimizer(vae.parameters(), 2e-3, device)
+    _, video = sample_batch(rng, batch // FRAMES, device)
+    target = video.flatten(0, 1) * 2 - 1                                      # (b F) 3 H W in [-1, 1]
+    z = toyworld.latents_of(video).transpose(1, 2).flatten(0, 1)              # b 4 F h w -> (b F) 4 h w
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
             out = vae(z).float()
         loss = F.l1_loss(out, target) + F.mse_loss(out, target)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+        return loss
+
+    vae.train()
+    set_lr(schedule(0, 0, max(1, steps // 20)))
+    run = graphed(step, device)
+    for i in range(steps):
+        _, video = sample_batch(rng, batch // FRAMES, device)
+        target.copy_(video.flatten(0, 1) * 2 - 1)
+        z.copy_(toyworld.latents_of(video).transpose(1, 2).flatten(0, 1))
+        set_lr(schedule(i, i / steps, max(1, steps // 20)))
+        loss = run()
+        if i % 250 == 0 or i == steps - 1:
+            log(f"decoder step {i}/{steps} loss {loss.item():.4f}")
     return vae.eval()
 
 
-def train_unet(unet, text, rng, steps, batch, device, max_minutes):
-    """Epsilon-prediction training with EMA; returns the EMA copy."""
-    schedule = sampler.NoiseSchedule.from_config(SCHEDULER)
-    ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01, fused=device.type == "cuda")
+def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes):
+    """Epsilon-prediction training of the UNet and the text encoder together, with EMA; returns the EMA copy
+    of both (a ModuleDict with "unet" and "text") and the number of steps run. The learning rate follows
+    `schedule` over whichever ends first, `steps` or `max_minutes`."""
+    ab = torch.as_tensor(sampler.NoiseSchedule.from_config(SCHEDULER).alphas_cumprod, dtype=torch.float32,
+                         device=device)
+    model = torch.nn.ModuleDict({"unet": unet, "text": encoder}).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    opt, set_lr = make_optimizer(params, 1e-3, device)
     warm = max(1, min(200, steps // 10))
-    lr = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
-    unet.train()
-    t0, step = time.perf_counter(), 0
-    for step in range(steps):
-        caps, video = sample_batch(rng, batch, device)
-        x0 = toyworld.latents_of(video)                                        # (b, 4, F, h, w)
+    caps, video = sample_batch(rng, batch, device)
+    x0, ids = toyworld.latents_of(video).contiguous(), tokens(caps).to(device)              # (b, 4, F, h, w), (b, 77)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
         t = torch.randint(0, len(ab), (batch,), device=device)
         noise = torch.randn_like(x0)
         a = ab[t][:, None, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise                          # q(x_t | x_0)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            eps = unet(xt, t, text(caps)).float()
+        with autocast(device):
+            eps = unet(xt, t, encode(encoder, ids)).float()
         loss = F.mse_loss(eps, noise)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)  # one fused launch, not one per tensor
+        return loss
+
+    set_lr(schedule(0, 0, warm))
+    run = graphed(step, device)
+    t0, i = time.perf_counter(), 0
+    for i in range(steps):
         minutes = (time.perf_counter() - t0) / 60
-        if step % 500 == 0 or step == steps - 1:
-            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({minutes:.1f} min)")
-        if minutes > max_minutes:
-            log(f"stopping at step {step}: the {max_minutes} min budget is spent")
+        progress = max(i / steps, minutes / max_minutes)
+        if progress >= 1:
+            log(f"stopping at step {i}: the {max_minutes} min budget is spent")
             break
-    return ema, step + 1
+        caps, video = sample_batch(rng, batch, device)
+        x0.copy_(toyworld.latents_of(video))
+        ids.copy_(tokens(caps))
+        set_lr(schedule(i, progress, warm))
+        loss = run()
+        decay = min(0.999, (1 + i) / (10 + i))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)  # one fused launch, not one per tensor
+        if i % 1000 == 0 or i == steps - 1:
+            log(f"unet step {i}/{steps} loss {loss.item():.4f} ({minutes:.1f} min)")
+    else:
+        i = steps
+    return ema, i
 
 
 def write_folder(out_dir, unet, text_state, vae, seed, info):
@@ -176,8 +252,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--steps", type=int, default=8000, help="UNet training steps")
-    ap.add_argument("--batch", type=int, default=128, help="videos per UNet step")
+    ap.add_argument("--steps", type=int, default=100000, help="UNet training steps (at most)")
+    ap.add_argument("--batch", type=int, default=64, help="videos per UNet step")
     ap.add_argument("--decoder-steps", type=int, default=1000)
     ap.add_argument("--max-minutes", type=float, default=8.0, help="stop the UNet training after this long")
     ap.add_argument("--seed", type=int, default=0)
@@ -191,29 +267,32 @@ def main(argv=None):
     start = time.perf_counter()
 
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    if args.init:  # continue from a trained folder (its frozen text encoder included)
+    if args.init:  # continue from a trained folder
         sub = lambda name: os.path.join(args.init, name)
-        encoder = CLIPTextEncoder.from_pretrained(sub("text_encoder"), device, torch.float32).requires_grad_(False)
-        vae = VAEDecoder.from_pretrained(sub("vae"), device, torch.float32).requires_grad_(True)
-        unet = UNet3D.from_pretrained(sub("unet"), device, torch.float32).requires_grad_(True)
+        encoder = CLIPTextEncoder.from_pretrained(sub("text_encoder"), device, torch.float32)
+        vae = VAEDecoder.from_pretrained(sub("vae"), device, torch.float32)
+        unet = UNet3D.from_pretrained(sub("unet"), device, torch.float32)
     else:
         with torch.device(device):
             encoder = _perturb(CLIPTextEncoder(config_from_json(CLIPTextConfig, TEXT_CFG)),
-                               torch.Generator(device).manual_seed(args.seed + 1)).eval().requires_grad_(False)
+                               torch.Generator(device).manual_seed(args.seed + 1))
             vae = VAEDecoder(config_from_json(VAEConfig, VAE_CFG))
             unet = UNet3D(config_from_json(UNet3DConfig, UNET_CFG))
-    text_state = {"text_model." + k: v for k, v in encoder.state_dict().items()}
-    text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
+    for m in (encoder, vae, unet):
+        m.requires_grad_(True)
 
     log(f"VAE decoder: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.decoder_steps} steps")
     vae = train_decoder(vae, rng, args.decoder_steps, 256, device) if args.decoder_steps else vae.eval()
     log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {args.steps} steps of {args.batch}")
-    ema, done = train_unet(unet, TextCache(tokenizer, encoder), rng, args.steps, args.batch, device, args.max_minutes)
+    ema, done = train_unet(unet, encoder, TokenCache(tokenizer), rng, args.steps, args.batch, device,
+                           args.max_minutes)
+    text_state = {"text_model." + k: v for k, v in ema["text"].state_dict().items()}
+    text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
     seconds = time.perf_counter() - start
     info = {"seed": args.seed, "init": args.init, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
             "train_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": code_commit()}
-    write_folder(args.out_dir, ema, text_state, vae, args.seed, info)
+    write_folder(args.out_dir, ema["unet"], text_state, vae, args.seed, info)
     log(f"wrote {args.out_dir} after {seconds / 60:.1f} min ({done} UNet steps)")
 
 
