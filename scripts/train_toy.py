@@ -48,6 +48,8 @@ if ROOT not in sys.path:
 import sampler  # noqa: E402
 import toyworld  # noqa: E402
 from outputs import code_commit  # noqa: E402
+from tokens import resolve_tokens  # noqa: E402
+from attention import GUIDED_LAYERS, AttentionStore, layer_grid  # noqa: E402
 from text_encoder import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 from vae import VAEConfig, VAEDecoder  # noqa: E402
@@ -56,6 +58,7 @@ from weights.make_tiny import (SCHEDULER, TOKENIZER_DIR, UNET, TEXT, VAE, _VAEEn
                                _write, write_pipeline_files)
 
 FRAMES, SIZE = 8, 128
+MAX_OBJECTS, MAX_TOKENS = 2, 2    # objects a training scene has, tokens of an object's name ("red ball")
 UNET_CFG = {**UNET, "block_out_channels": [32, 64, 64, 64], "attention_head_dim": 16, "norm_num_groups": 16,
             "cross_attention_dim": 32, "sample_size": SIZE // 8}
 TEXT_CFG = {**TEXT, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
@@ -69,26 +72,83 @@ def log(msg):
 
 
 def sample_batch(rng, n, device):
-    """n random scenes of 1 or 2 objects -> (captions, video (n, F, 3, H, W) in [0, 1])."""
+    """n random scenes of 1 or 2 objects -> (captions, video (n, F, 3, H, W) in [0, 1], scenes)."""
     scenes = [toyworld.sample_scene(rng, FRAMES, n_objects=int(rng.integers(1, 3))) for _ in range(n)]
     caps = []
     for s in scenes:
         r = rng.random()
         caps.append("" if r < 0.1 else toyworld.caption(s) + (SUFFIX if r < 0.55 else ""))
-    return caps, toyworld.render_batch(scenes, FRAMES, SIZE, SIZE, device)
+    return caps, toyworld.render_batch(scenes, FRAMES, SIZE, SIZE, device), scenes
 
 
 class TokenCache:
     """caption -> token ids (77,), tokenized once per distinct caption (there are a few thousand)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
+        self.tokenizer, self.cache, self.found = tokenizer, {}, {}
 
     def __call__(self, captions):
         new = sorted({c for c in captions if c not in self.cache})
         if new:
             self.cache.update(zip(new, self.tokenizer(new)))
         return torch.stack([self.cache[c] for c in captions])
+
+    def positions(self, caption, names):
+        """The token positions of each object name in the caption, found as LVD's guidance finds them (§3.4)."""
+        if (caption, names) not in self.found:
+            self.found[caption, names] = resolve_tokens(self.tokenizer, caption, "", names)[1]
+        return self.found[caption, names]
+
+
+# -----------------------------------------------------------------------------
+# the grounding loss: what LVD assumes of ModelScope, trained into the toy model
+
+def grounding_targets(scenes, caps, tokens, device):
+    """Per video, slot k = (object o, token p): idx (B, O·P) token positions, weight (B, O·P) = 1/|P_o| (0: none;
+    captions dropped to "" have none) and boxes (B, O·P, F, 4), the object's box per frame (normalised xyxy)."""
+    idx, weight = torch.zeros(len(scenes), MAX_OBJECTS * MAX_TOKENS, dtype=torch.long), torch.zeros(len(scenes), MAX_OBJECTS * MAX_TOKENS)
+    boxes = np.zeros((len(scenes), MAX_OBJECTS * MAX_TOKENS, FRAMES, 4), np.float32)
+    for b, (scene, cap) in enumerate(zip(scenes, caps)):
+        if not cap:
+            continue
+        pos = tokens.positions(cap, tuple(o.name for o in scene.objects))
+        obj_boxes = toyworld.scene_boxes(scene, FRAMES)                       # (O, F, 4)
+        for o, p in enumerate(pos):
+            for j, q in enumerate(p[:MAX_TOKENS]):
+                k = o * MAX_TOKENS + j
+                idx[b, k], weight[b, k], boxes[b, k] = q, 1 / len(p[:MAX_TOKENS]), obj_boxes[o]
+    return idx.to(device), weight.to(device), torch.from_numpy(boxes).to(device)
+
+
+def box_masks(boxes, h, w):
+    """Normalised xyxy boxes (..., 4) -> masks (..., h·w) by `attention.box_mask`'s rule (corner rounded half to
+    even, width and height rounded apart, end-exclusive), for many boxes at once on the device."""
+    x0, y0 = torch.round(boxes[..., 0] * w), torch.round(boxes[..., 1] * h)
+    x1 = x0 + torch.round((boxes[..., 2] - boxes[..., 0]) * w)
+    y1 = y0 + torch.round((boxes[..., 3] - boxes[..., 1]) * h)
+    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype)
+    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype)
+    in_x = (xs >= x0[..., None]) & (xs < x1[..., None])                       # (..., w)
+    in_y = (ys >= y0[..., None]) & (ys < y1[..., None])                       # (..., h)
+    return (in_y[..., :, None] & in_x[..., None, :]).flatten(-2).to(boxes.dtype)  # ... h w -> ... (h w)
+
+
+def grounding_loss(maps, idx, weight, boxes):
+    """The token loss of TokenCompose (Wang et al., CVPR 2024, L_token) on LVD's six guided layers: for each
+    object token, the share of its attention mass (summed over the frame's positions) that falls outside the
+    object's box; averaged over heads, frames, tokens of an object, objects and layers.
+
+    maps {path: (B f) n (h w) l}, idx and weight (B, K), boxes (B, K, f, 4) (`grounding_targets`)."""
+    total = 0.0
+    for path, a in maps.items():
+        h, w = layer_grid(path, SIZE // 8, SIZE // 8)
+        a = a.float().unflatten(0, (idx.shape[0], -1))                        # (B f) n q l -> B f n q l
+        B, f, n, q, _ = a.shape
+        cols = a.gather(-1, idx[:, None, None, None, :].expand(B, f, n, q, idx.shape[1]))  # B f n q K
+        m = box_masks(boxes, h, w).permute(0, 2, 3, 1)[:, :, None]             # B K f (h w) -> B f 1 (h w) K
+        inside = (cols * m).sum(3) / cols.sum(3).clamp(min=1e-12)            # (B, f, n, K)
+        total = total + ((1 - inside) * weight[:, None, None]).sum() / (weight.sum().clamp(min=1) * f * n)
+    return total / len(maps)
 
 
 def encode(encoder, ids):
@@ -150,7 +210,7 @@ def autocast(device):
 def train_decoder(vae, rng, steps, batch, device):
     """Regression of the VAE decoder onto the frames, from their latents (L1 + MSE, AdamW, cosine lr)."""
     opt, set_lr = make_optimizer(vae.parameters(), 2e-3, device)
-    _, video = sample_batch(rng, batch // FRAMES, device)
+    _, video, _ = sample_batch(rng, batch // FRAMES, device)
     target = video.flatten(0, 1) * 2 - 1                                      # (b F) 3 H W in [-1, 1]
     z = toyworld.latents_of(video).transpose(1, 2).flatten(0, 1)              # b 4 F h w -> (b F) 4 h w
 
@@ -167,7 +227,7 @@ def train_decoder(vae, rng, steps, batch, device):
     set_lr(schedule(0, 0, max(1, steps // 20)))
     run = graphed(step, device)
     for i in range(steps):
-        _, video = sample_batch(rng, batch // FRAMES, device)
+        _, video, _ = sample_batch(rng, batch // FRAMES, device)
         target.copy_(video.flatten(0, 1) * 2 - 1)
         z.copy_(toyworld.latents_of(video).transpose(1, 2).flatten(0, 1))
         set_lr(schedule(i, i / steps, max(1, steps // 20)))
@@ -177,10 +237,10 @@ def train_decoder(vae, rng, steps, batch, device):
     return vae.eval()
 
 
-def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes):
-    """Epsilon-prediction training of the UNet and the text encoder together, with EMA; returns the EMA copy
-    of both (a ModuleDict with "unet" and "text") and the number of steps run. The learning rate follows
-    `schedule` over whichever ends first, `steps` or `max_minutes`."""
+def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes, ground_weight):
+    """Epsilon-prediction training of the UNet and the text encoder together, plus `ground_weight` × the
+    grounding loss, with EMA; returns the EMA copy of both (a ModuleDict with "unet" and "text") and the number
+    of steps run. The learning rate follows `schedule` over whichever ends first, `steps` or `max_minutes`."""
     ab = torch.as_tensor(sampler.NoiseSchedule.from_config(SCHEDULER).alphas_cumprod, dtype=torch.float32,
                          device=device)
     model = torch.nn.ModuleDict({"unet": unet, "text": encoder}).train()
@@ -188,8 +248,9 @@ def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     opt, set_lr = make_optimizer(params, 1e-3, device)
     warm = max(1, min(200, steps // 10))
-    caps, video = sample_batch(rng, batch, device)
-    x0, ids = toyworld.latents_of(video).contiguous(), tokens(caps).to(device)              # (b, 4, F, h, w), (b, 77)
+    caps, video, scenes = sample_batch(rng, batch, device)
+    x0, ids = toyworld.latents_of(video).contiguous(), tokens(caps).to(device)   # (b, 4, F, h, w), (b, 77)
+    idx, weight, boxes = grounding_targets(scenes, caps, tokens, device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -197,13 +258,15 @@ def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes):
         noise = torch.randn_like(x0)
         a = ab[t][:, None, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise                          # q(x_t | x_0)
+        store = AttentionStore(GUIDED_LAYERS) if ground_weight else None
         with autocast(device):
-            eps = unet(xt, t, encode(encoder, ids)).float()
-        loss = F.mse_loss(eps, noise)
-        loss.backward()
+            eps = unet(xt, t, encode(encoder, ids), store).float()
+        losses = torch.stack([F.mse_loss(eps, noise),
+                              grounding_loss(store.maps, idx, weight, boxes) if store else torch.zeros((), device=device)])
+        (losses[0] + ground_weight * losses[1]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return loss
+        return losses
 
     set_lr(schedule(0, 0, warm))
     run = graphed(step, device)
@@ -214,16 +277,19 @@ def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes):
         if progress >= 1:
             log(f"stopping at step {i}: the {max_minutes} min budget is spent")
             break
-        caps, video = sample_batch(rng, batch, device)
+        caps, video, scenes = sample_batch(rng, batch, device)
         x0.copy_(toyworld.latents_of(video))
         ids.copy_(tokens(caps))
+        for buf, new in zip((idx, weight, boxes), grounding_targets(scenes, caps, tokens, device)):
+            buf.copy_(new)
         set_lr(schedule(i, progress, warm))
-        loss = run()
+        losses = run()
         decay = min(0.999, (1 + i) / (10 + i))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)  # one fused launch, not one per tensor
-        if i % 1000 == 0 or i == steps - 1:
-            log(f"unet step {i}/{steps} loss {loss.item():.4f} ({minutes:.1f} min)")
+        if i % 500 == 0 or i == steps - 1:
+            eps_loss, ground = losses.tolist()
+            log(f"unet step {i}/{steps} loss {eps_loss:.4f} grounding {ground:.3f} ({minutes:.1f} min)")
     else:
         i = steps
     return ema, i
@@ -252,10 +318,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--steps", type=int, default=100000, help="UNet training steps (at most)")
+    ap.add_argument("--steps", type=int, default=3000, help="UNet training steps")
     ap.add_argument("--batch", type=int, default=64, help="videos per UNet step")
     ap.add_argument("--decoder-steps", type=int, default=1000)
     ap.add_argument("--max-minutes", type=float, default=8.0, help="stop the UNet training after this long")
+    ap.add_argument("--ground-weight", type=float, default=0.05,
+                    help="weight of the grounding loss (object-token attention inside the object's box); 0: none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", help="continue training the model in this folder (with --decoder-steps 0: keep its decoder)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -285,11 +353,11 @@ def main(argv=None):
     vae = train_decoder(vae, rng, args.decoder_steps, 256, device) if args.decoder_steps else vae.eval()
     log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {args.steps} steps of {args.batch}")
     ema, done = train_unet(unet, encoder, TokenCache(tokenizer), rng, args.steps, args.batch, device,
-                           args.max_minutes)
+                           args.max_minutes, args.ground_weight)
     text_state = {"text_model." + k: v for k, v in ema["text"].state_dict().items()}
     text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
     seconds = time.perf_counter() - start
-    info = {"seed": args.seed, "init": args.init, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
+    info = {"seed": args.seed, "init": args.init, "ground_weight": args.ground_weight, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
             "train_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": code_commit()}
     write_folder(args.out_dir, ema["unet"], text_state, vae, args.seed, info)
