@@ -82,6 +82,168 @@ def test_wilson_interval_and_paired_ratio_interval():
 
 
 # -----------------------------------------------------------------------------
+# the grounding loss of the training script (scripts/train_toy.py: box_masks, grounding_loss, grounding_targets)
+
+def test_box_masks_equals_attention_box_mask_cell_for_cell():
+    """`box_masks` (every box at once, torch.round) against `attention.box_mask` (one box, Python's round), cell
+    for cell: random boxes, boxes hanging over the edges, boxes with corners on the half-cell lattice (where
+    round-half-to-even decides), inverted boxes and the all-zero box; boxes in float64, as layer_masks feeds it."""
+    tt = _script("train_toy")
+    rng = np.random.default_rng(20)
+    for h, w in ((8, 8), (4, 4), (5, 7)):
+        lo = rng.uniform(-0.3, 1.0, (400, 2))                             # (x_min, y_min), may hang off the top left
+        hi = lo + rng.uniform(-0.1, 0.8, (400, 2))                        # may hang off the bottom right; some inverted
+        rand = np.concatenate([lo, hi], 1)
+        # Only boxes that reach into the grid (x_max, y_max > 0): a box wholly above or left of it makes
+        # attention.box_mask slice with a negative end (m[0:-1]) and fill cells; checked separately below.
+        rand = rand[(rand[:, 2] > 0) & (rand[:, 3] > 0)][:200]
+        k = rng.integers(-2, 2 * max(h, w) + 3, (60, 4))                  # corners on the half-cell lattice
+        k[:, 2:] = np.maximum(k[:, 2:], 1)                                # x_max, y_max > 0 (as above)
+        lattice = k / np.array([2 * w, 2 * h, 2 * w, 2 * h])
+        special = np.array([[0, 0, 0, 0], [0.6, 0.2, 0.3, 0.8], [0, 0, 1, 1], [-0.2, -0.2, 1.2, 1.2]], float)
+        boxes = np.concatenate([rand, lattice, special])                  # (N, 4) float64, N even
+        assert len(boxes) % 2 == 0 and len(rand) == 200
+        want = torch.stack([attention.box_mask(b.tolist(), h, w) for b in boxes])          # (N, h, w) float32
+        got = tt.box_masks(torch.tensor(boxes), h, w)                      # (N, h·w) float64
+        assert got.shape == (len(boxes), h * w) and got.dtype == torch.float64
+        bad = (got.reshape(-1, h, w).float() != want).flatten(1).any(1)
+        assert not bad.any(), ((h, w), boxes[bad.numpy()][:5])
+        # leading axes are kept: (N/2, 2, 4) -> (N/2, 2, h·w)
+        assert torch.equal(tt.box_masks(torch.tensor(boxes).reshape(-1, 2, 4), h, w), got.reshape(-1, 2, h * w))
+        full = want.flatten(1).sum(1)                                      # the boxes cover every case
+        assert (full == 0).any() and (full == h * w).any() and ((full > 0) & (full < h * w)).any()
+    off = torch.tensor([[-0.6, 0.2, -0.1, 0.7], [0.2, -0.5, 0.7, -0.2], [1.1, 0.2, 1.5, 0.7]], dtype=torch.float64)
+    assert tt.box_masks(off, 8, 8).sum() == 0                              # wholly outside the grid: no cell
+
+
+def _uniform_and_boxed_maps(idx, weight, boxes, gen, B, f, n, inside):
+    """{path: (B f) n (h w) 77} maps at a 16×16 latent: every column random positive, except each weighted slot's
+    column, which is `inside` (b, f, n) ? random mass in the slot's box and 0 outside : a constant over positions."""
+    maps = {}
+    for path in attention.GUIDED_LAYERS:
+        h, w = attention.layer_grid(path, 16, 16)
+        a = torch.rand(B, f, n, h * w, 77, generator=gen) + 0.01
+        for b in range(B):
+            for k in range(idx.shape[1]):
+                if weight[b, k] == 0:
+                    continue
+                for fr in range(f):
+                    m = attention.box_mask(boxes[b, k, fr].tolist(), h, w).flatten()       # (h w,)
+                    for head in range(n):
+                        col = (torch.rand(h * w, generator=gen) + 0.1) * m if inside[b, fr, head] \
+                            else torch.full((h * w,), float(torch.rand((), generator=gen)) + 0.1)
+                        a[b, fr, head, :, int(idx[b, k])] = col
+        maps[path] = a.flatten(0, 1)
+    return maps
+
+
+def test_grounding_loss_hand_values():
+    """L_token on the six guided layers at a 16×16 latent (grids 8×8 and 4×4), boxes on the 4×4 grid so that
+    a box's share of cells is the same, exact, on both: mass inside its box -> 0; uniform columns -> the mean
+    of 1 − box share over frames, tokens of an object (weights 1/|P|), objects and layers, by hand; weight-0
+    slots change nothing."""
+    tt = _script("train_toy")
+    B, f, n = 2, 3, 2
+    assert sorted({attention.layer_grid(p, 16, 16) for p in attention.GUIDED_LAYERS}) == [(4, 4), (8, 8)]
+    # box -> share of the grid's cells, by hand
+    Q, Hb, C = (0, 0, .5, .5), (0, .5, 1, 1), (.75, .25, 1, .5)          # shares 1/4, 1/2, 1/16
+    A, M, R = (0, 0, 1, 1), (.25, .25, .75, .75), (.5, 0, 1, 1)          # shares 1, 1/4, 1/2
+    junk = (0.1, 0.3, 0.9, 0.6)                                            # boxes of unused (weight-0) slots
+    # slot k = object o · 2 + token j (grounding_targets' layout). Video 0: object 0 has 2 tokens, object 1 has
+    # 1 (slot 3 unused); video 1: object 0 has 1 token (slot 1 unused), object 1 has 2.
+    idx = torch.tensor([[5, 6, 9, 40], [3, 0, 7, 8]])
+    weight = torch.tensor([[0.5, 0.5, 1.0, 0.0], [1.0, 0.0, 0.5, 0.5]])
+    per_obj = [[[Q, Hb, C], [M, A, R]], [[C, C, Hb], [R, Q, M]]]          # video, object, frame
+    boxes = torch.tensor([[per_obj[0][0], per_obj[0][0], per_obj[0][1], [junk] * 3],
+                          [per_obj[1][0], [junk] * 3, per_obj[1][1], per_obj[1][1]]], dtype=torch.float32)
+    # uniform columns: per object, the mean over frames of 1 − share (shares Q 1/4, Hb 1/2, C 1/16, A 1, M 1/4, R 1/2)
+    #   video 0 object 0: (3/4 + 1/2 + 15/16) / 3 = 35/48;   object 1: (3/4 + 0 + 1/2) / 3 = 20/48
+    #   video 1 object 0: (15/16 + 15/16 + 1/2) / 3 = 38/48; object 1: (1/2 + 3/4 + 3/4) / 3 = 32/48
+    #   mean over the 4 objects (each object once, whatever its token count) = 125/192, the same in all six layers
+    uniform_value = 125 / 192
+    gen = torch.Generator().manual_seed(5)
+    ones = torch.ones(B, f, n, dtype=torch.bool)
+
+    inside = _uniform_and_boxed_maps(idx, weight, boxes, gen, B, f, n, ones)
+    # Tolerance 1e-6: exact here (inside a box the masked sum is the column sum, so the share is 1.0); the bound
+    # only allows for float32 summation order.
+    assert abs(float(tt.grounding_loss(inside, idx, weight, boxes))) <= 1e-6
+
+    uniform = _uniform_and_boxed_maps(idx, weight, boxes, gen, B, f, n, ~ones)
+    got = float(tt.grounding_loss(uniform, idx, weight, boxes))
+    # Tolerance 1e-6: float32 sums of ≤ 64 equal terms and a mean of a few dozen (~1e-7 relative rounding each).
+    assert abs(got - uniform_value) <= 1e-6, got
+
+    # head 0 boxed, head 1 uniform: the mean over heads halves the value
+    half = ones.clone()
+    half[:, :, 1] = False
+    mixed = _uniform_and_boxed_maps(idx, weight, boxes, gen, B, f, n, half)
+    got = float(tt.grounding_loss(mixed, idx, weight, boxes))
+    assert abs(got - uniform_value / 2) <= 1e-6, got                       # tolerance as above
+
+    # weight-0 slots: other boxes, an index onto a weighted slot's column, and one onto a column with no mass
+    # (0/0 guarded by the clamp) -> the same loss
+    idx2, boxes2 = idx.clone(), boxes.clone()
+    idx2[0, 3], idx2[1, 1] = 5, 60
+    boxes2[0, 3] = torch.tensor([0.0, 0.0, 0.25, 0.25])
+    boxes2[1, 1] = torch.tensor([-0.5, 0.2, 0.3, 1.4])
+    garbage = {p: a.clone() for p, a in uniform.items()}
+    for a in garbage.values():
+        a.unflatten(0, (B, f))[1, :, :, :, 60] = 0.0                       # a view: writes into a
+    base = tt.grounding_loss(uniform, idx, weight, boxes)
+    assert float(tt.grounding_loss(garbage, idx2, weight, boxes2)) == float(base)   # 0 · finite adds exact zeros
+    # no weighted slot at all (every caption dropped): 0, not 0/0
+    assert float(tt.grounding_loss(uniform, idx, torch.zeros_like(weight), boxes)) == 0.0
+
+
+def test_grounding_targets_and_token_positions_point_at_each_objects_name():
+    """For toyworld scenes and captions (with and without ", grey background", and dropped to ""), each slot's
+    position holds the tokenizer's id of the object's name's words (decoded: the name), its weight is
+    1/|tokens of the name| (0 in unused slots and for a dropped caption), its boxes the object's scene_boxes."""
+    from text_encoder import CLIPTokenizer
+    from weights.make_tiny import TOKENIZER_DIR
+    tt = _script("train_toy")
+    tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    cache = tt.TokenCache(tok)
+    rng = np.random.default_rng(7)
+    two = T.sample_scene(rng, tt.FRAMES, n_objects=2)
+    one = T.sample_scene(rng, tt.FRAMES, n_objects=1)
+    scenes = [two, two, two, one]
+    caps = [T.caption(two), T.caption(two) + tt.SUFFIX, "", T.caption(one) + tt.SUFFIX]
+    assert tt.SUFFIX == ", grey background"
+    idx, weight, boxes = tt.grounding_targets(scenes, caps, cache, torch.device("cpu"))
+    slots = tt.MAX_OBJECTS * tt.MAX_TOKENS
+    assert idx.shape == weight.shape == (4, slots) and boxes.shape == (4, slots, tt.FRAMES, 4)
+    assert idx.dtype == torch.long
+    ids = tok(caps)                                                        # (4, 77), from the tokenizer itself
+    assert torch.equal(cache(caps), ids)
+    for b, (scene, cap) in enumerate(zip(scenes, caps)):
+        if not cap:
+            assert weight[b].tolist() == [0.0] * slots, weight[b]
+            continue
+        obj_boxes = T.scene_boxes(scene, tt.FRAMES)                        # (O, F, 4)
+        names = tuple(o.name for o in scene.objects)
+        pos = cache.positions(cap, names)
+        assert cache.positions(cap, names) is pos                          # looked up once per (caption, names)
+        used = set()
+        for o, obj in enumerate(scene.objects):
+            want = [i for word in obj.name.split() for i in tok.encode(word)]  # "red", "ball" -> one id each
+            assert len(want) == 2
+            ks = [o * tt.MAX_TOKENS + j for j in range(len(want))]
+            used.update(ks)
+            assert idx[b, ks].tolist() == pos[o]
+            assert ids[b, idx[b, ks]].tolist() == want, (cap, obj.name)
+            assert tok.decode(ids[b, idx[b, ks]].tolist()) == obj.name
+            for k in ks:
+                assert float(weight[b, k]) == 1 / len(want)
+                np.testing.assert_array_equal(boxes[b, k].numpy(), obj_boxes[o].astype(np.float32))
+        for k in set(range(slots)) - used:
+            assert float(weight[b, k]) == 0.0, (b, k)
+    assert torch.equal(idx[0], idx[1])                                     # the suffix comes after the names
+    assert float(weight[3].sum()) == 1.0 and float(weight[:2].sum()) == 4.0    # one object, two objects each
+
+
+# -----------------------------------------------------------------------------
 # the committed model (models/toy)
 
 @pytest.fixture(scope="module")
