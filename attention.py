@@ -122,7 +122,8 @@ def box_mask(box, h, w):
     x0, y0 = round(x_min * w), round(y_min * h)  # round half to even (Python's round), as the official
     x1 = x0 + round((x_max - x_min) * w)  # width and height rounded separately: a shifted box keeps its size
     y1 = y0 + round((y_max - y_min) * h)
-    m[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = 1.0  # clamp to the grid, end-exclusive
+    m[max(y0, 0):max(min(y1, h), 0), max(x0, 0):max(min(x1, w), 0)] = 1.0  # clamp to the grid (an end < 0
+    # would slice from the far side), end-exclusive
     return m
 
 

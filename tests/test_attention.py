@@ -119,6 +119,8 @@ def test_box_mask_clamps_absent_and_layer_masks():
     m = A.box_mask((0.9, 0.9, 1.2, 1.1), 8, 8)  # beyond the frame: clamped
     assert _rows_cols(m) == ((7, 7), (7, 7), 1)
     assert A.box_mask((0, 0, 0, 0), 8, 8).sum() == 0  # absent frame
+    for off in ((-0.6, 0.2, -0.1, 0.7), (0.2, -0.5, 0.7, -0.2), (1.1, 0.2, 1.5, 0.7)):  # wholly outside
+        assert A.box_mask(off, 8, 8).sum() == 0, off
     boxes = [[_corners(0, 256, 100, 100), (0, 0, 0, 0)]]  # 1 object, 2 frames, absent in the second
     masks = A.layer_masks(boxes, (32, 32))
     assert set(masks) == set(A.GUIDED_LAYERS)
