@@ -15,7 +15,7 @@ The parts, each usable alone:
 - `memory` (memory.py): what a pass with a graph (the LVD guidance pass) keeps for its backward: convolutions
   that keep no input, always; 'cheap' recomputes norms and activations; 'full' checkpoints every block.
   Plain PyTorch: any device.
-- `kernels` (fused.py, kernels.py, kernels_attention.py): fused GroupNorm(+SiLU), LayerNorm, GEGLU, residual
+- `kernels` (fused.py, kernels.py, kernels_rows.py, kernels_attention.py): fused GroupNorm(+SiLU), LayerNorm, GEGLU, residual
   adds, the temporal attention on in-place tokens, as Triton kernels ('auto': where `fused.available()`), or
   their math in PyTorch ('torch', the kernels' reference), or None.
 - `channels_last`: the activations channels-last ((b f) h w c in memory), so cuDNN and the token reshapes need

@@ -4,7 +4,7 @@ the frames on in-place tokens.
 
 What to read: results/perf-notes.md (2026-12-01: after CUDA graphs and channels-last, a third of the 576×320×24 CFG
 step's kernel time was eager GroupNorm, SiLU, GEGLU, LayerNorm and bias adds, each a separate pass over memory at
-0.2–1 TB/s); modelscope-architecture.md §4.5-§4.9 (where these ops sit); kernels.py (the Triton kernels).
+0.2–1 TB/s); modelscope-architecture.md §4.5-§4.9 (where these ops sit); kernels.py and kernels_rows.py (the Triton kernels).
 
 Official implementation: none; diffusers and the official LVD code run nn.GroupNorm, F.silu, nn.LayerNorm and
 diffusers' GEGLU (models/activations.py) eagerly. Same values: the functions below are that math in plain
@@ -19,7 +19,7 @@ the next fused op: the next GroupNorm's add (with the time embedding) or the res
 temporal transformers keep their (b, f, h·w, c) tokens in place and attend over f through `Kernels.frame_attention`
 (kernels_attention.py; `frame_attention` below is its math through `attention.attend`, results/perf-notes.md,
 2026-12-02).
-Backends: 'triton' (kernels.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
+Backends: 'triton' (kernels.py, kernels_rows.py: the fast path, where `available()`: CUDA and Triton, which torch's CUDA wheels
 ship) and 'torch' (this file's math: the reference). Measured against torch.compile of the same functions
 (dynamic shapes): slower than eager at 576×320×24 (results/perf-notes.md), hence hand-written kernels.
 
@@ -43,11 +43,11 @@ def available():
     if not torch.cuda.is_available():
         return False
     try:
-        from fast import kernels  # imports triton
+        from fast import kernels_rows  # imports triton
     except ImportError:
         return False
     try:
-        kernels.geglu_fwd(torch.zeros(1, 2, device="cuda"))  # compiled once per process, then cached
+        kernels_rows.geglu_fwd(torch.zeros(1, 2, device="cuda"))  # compiled once per process, then cached
     except Exception as e:  # noqa: BLE001 (a Triton or driver failure on this GPU: run eagerly instead)
         log.warning("fused kernels off, Triton failed on this GPU: %s: %s", type(e).__name__, e)
         return False
@@ -289,11 +289,11 @@ class Kernels:
 
     def __init__(self, backend="triton"):
         if backend == "triton":
-            from fast import kernels, kernels_attention
+            from fast import kernels, kernels_attention, kernels_rows
             self.gn, self.gn_bwd = kernels.group_norm_fwd, kernels.group_norm_bwd
-            self.ln, self.ln_bwd = kernels.layer_norm_fwd, kernels.layer_norm_bwd
-            self.geglu_fwd, self.geglu_bwd = kernels.geglu_fwd, kernels.geglu_bwd
-            self.add_fwd = kernels.add_bias
+            self.ln, self.ln_bwd = kernels_rows.layer_norm_fwd, kernels_rows.layer_norm_bwd
+            self.geglu_fwd, self.geglu_bwd = kernels_rows.geglu_fwd, kernels_rows.geglu_bwd
+            self.add_fwd = kernels_rows.add_bias
             self.frames = kernels_attention
         elif backend == "torch":
             self.gn, self.gn_bwd = norm_forward, _group_norm_backward

@@ -28,7 +28,7 @@ from bench import cuda_ms  # noqa: E402
 from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 
 CATEGORIES = [  # (category, regex over the kernel name), first match wins
-    ("fused (fast/kernels.py)", r"^_(chunk_stats|group_affine|scale_shift|chunk_grad_sums|grad_coefficients|norm_grad|"
+    ("fused (fast/kernels*.py)", r"^_(chunk_stats|group_affine|scale_shift|chunk_grad_sums|grad_coefficients|norm_grad|"
                            r"layer_norm|geglu|add|frames|linear)"),
     ("attention", r"flash|fmha|attention|softmax|cudnn.*sdpa|mha"),
     ("convolution", r"conv|implicit|wgrad|dgrad|fprop|winograd|nhwc|nchw"),
