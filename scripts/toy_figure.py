@@ -1,7 +1,7 @@
 """Draw the README's toy-model figure: an unguided and a guided video of the toy model from the same noise,
 with the layout's boxes, and the toy-world score of each.
 
-Usage: python scripts/toy_figure.py [--out docs/figures/toy_guided_vs_unguided.png] [--seed 0]
+Usage: python scripts/toy_figure.py [--out docs/figures/toy_guided_vs_unguided.png] [--seeds 1,0]
 
 What to read: toyworld.py (`score`), scripts/eval_toy.py (the same two runs per layout, over 100 layouts);
 `lvd-method.md` §4.6 and §6 (the guidance and the benchmark preset, here with the toy's values).
@@ -30,17 +30,19 @@ from scripts.toy_layouts import scenes  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "figures", "toy_guided_vs_unguided.png"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="1,0", help="one pair of rows (unguided, guided) per seed; the default shows "
+                    "a seed where the guidance places the ball and one where it does not")
     args = ap.parse_args(argv)
     pipe = lvd.load_pipeline(os.path.join(ROOT, "models", "toy"), "cpu", torch.float32, "toy")
     scene = scenes()[0]
     layout = toyworld.to_layout(scene)
     rows, labels = [], []
-    for name, guidance in (("unguided", None), ("guided", attention.preset("benchmark", "toy"))):
-        frames = lvd.generate(pipe, layout.prompt, layout, guidance=guidance, seed=args.seed, **lvd.MODELS["toy"])
-        score = toyworld.score(frames, scene)["objects"][0]
-        rows.append(np.concatenate([np.asarray(im) for im in lvd.draw_boxes(frames, layout)], axis=1))
-        labels.append(f"{name}: ball in its box in {sum(score['placed'])}/{len(frames)} frames")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name, guidance in (("unguided", None), ("guided", attention.preset("benchmark", "toy"))):
+            frames = lvd.generate(pipe, layout.prompt, layout, guidance=guidance, seed=seed, **lvd.MODELS["toy"])
+            score = toyworld.score(frames, scene)["objects"][0]
+            rows.append(np.concatenate([np.asarray(im) for im in lvd.draw_boxes(frames, layout)], axis=1))
+            labels.append(f"seed {seed}, {name}: ball in its box in {sum(score['placed'])}/{len(frames)} frames")
     band = 16
     canvas = Image.new("RGB", (rows[0].shape[1], sum(r.shape[0] + band for r in rows)), (255, 255, 255))
     d, y = ImageDraw.Draw(canvas), 0

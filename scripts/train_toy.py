@@ -18,6 +18,12 @@ What is trained and what is not:
   §3.1) half of the time. AdamW, bf16 autocast, the whole step replayed as one CUDA graph; an EMA of the weights
   is what is saved. (A frozen random encoder, as in the first runs, gave "green" and "blue" embeddings of
   cosine 0.87 and 0.99 on the next token: green prompts drew blue.)
+  Plus, weighted 0.05, a **grounding loss** (`grounding_loss`: TokenCompose's token loss, Wang et al. CVPR 2024)
+  on LVD's six guided layers: the share of each object token's attention that falls outside the object's box.
+  LVD assumes that ModelScope's object tokens attend where the object is; trained for ten GPU minutes on the
+  epsilon loss alone, the toy model's did not (in/out of the box ≈ 1.0, results/toy_training.md runs 1–4), since
+  here the latent itself carries the colour and a position can read the caption evenly. The boxes enter only
+  this loss, never the model's inputs, and the held-out captions never say where an object is.
 - **VAE decoder** (`vae/`, channels 16/32/64/64, 1 resnet a block + 1): trained first, by regression, to
   invert the fixed latent map `toyworld.latents_of` (8×8 mean colour and coverage); its inverse is sharp
   enough for the colour detector. The **VAE encoder** half is random: lvd never runs it, it is there so the
