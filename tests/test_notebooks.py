@@ -31,7 +31,7 @@ EXPECTED = {
     "01_layouts": ["01_keyframes", "01_interpolation_plot", "01_interpolation_frames", "01_presence"],
     "02_unet3d": ["02_params_per_block", "02_shapes"],
     "03_attention_energy": ["03_masks", "03_attention_0_red-ball", "03_energy_terms", "03_latent_gradient",
-                            "03_energy_over_iterations"],
+                            "03_energy_over_iterations", "03_attention_after_0_red-ball"],
     "04_sampling": ["04_timesteps", "04_x0_predictions", "04_unguided_vs_guided"],
 }
 
