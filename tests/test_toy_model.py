@@ -238,6 +238,37 @@ def test_grounding_targets_and_token_positions_point_at_each_objects_name():
     assert float(weight[3].sum()) == 1.0 and float(weight[:2].sum()) == 4.0    # one object, two objects each
 
 
+def test_training_steps_run_and_the_grounding_loss_reaches_the_guided_layers():
+    """Two UNet steps of the training script on the CPU (batch 2, eager: the CUDA graph replays the same step
+    function) move the EMA copy off its start. The grounding loss of one forward sends a gradient to a guided
+    layer's key projection and none to a cross-attention layer after the last guided one (its maps never enter)."""
+    tt = _script("train_toy")
+    from text_encoder import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
+    from unet3d import UNet3D, UNet3DConfig
+    from weights.checkpoint import config_from_json
+    tokens = tt.TokenCache(CLIPTokenizer.from_pretrained(tt.TOKENIZER_DIR))
+    torch.manual_seed(0)
+    unet = UNet3D(config_from_json(UNet3DConfig, tt.UNET_CFG)).requires_grad_(True)
+    encoder = CLIPTextEncoder(config_from_json(CLIPTextConfig, tt.TEXT_CFG)).requires_grad_(True)
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    ema, done = tt.train_unet(unet, encoder, tokens, np.random.default_rng(2), 2, 2, torch.device("cpu"), 5.0, 0.05)
+    guided = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    after = "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"  # runs after the six guided layers
+    assert done == 2 and all(not torch.equal(ema["unet"].state_dict()[k], start[k]) for k in (guided, after))
+
+    rng = np.random.default_rng(3)
+    scenes = [T.sample_scene(rng, tt.FRAMES, n_objects=1) for _ in range(2)]
+    caps = [T.caption(sc) for sc in scenes]
+    idx, weight, boxes = tt.grounding_targets(scenes, caps, tokens, torch.device("cpu"))
+    z = T.latents_of(T.render_batch(scenes, tt.FRAMES, tt.SIZE, tt.SIZE))         # (2, 4, F, 16, 16)
+    store = attention.AttentionStore(attention.GUIDED_LAYERS)
+    unet.zero_grad(set_to_none=True)
+    unet(z, torch.tensor([500, 500]), tt.encode(encoder, tokens(caps)), store)
+    tt.grounding_loss(store.maps, idx, weight, boxes).backward()
+    params = dict(unet.named_parameters())
+    assert params[guided].grad is not None and params[guided].grad.abs().max() > 0
+    assert params[after].grad is None or params[after].grad.abs().max() == 0  # exactly: no path from it to the loss
+
 # -----------------------------------------------------------------------------
 # the committed model (models/toy)
 
