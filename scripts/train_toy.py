@@ -112,8 +112,8 @@ class TokenCache:
 def grounding_targets(scenes, caps, tokens, device):
     """Per video, slot k = (object o, token p): idx (B, O·P) token positions, weight (B, O·P) = 1/|P_o| (0: none;
     captions dropped to "" have none) and boxes (B, O·P, F, 4), the object's box per frame (normalised xyxy)."""
-    idx, weight = torch.zeros(len(scenes), MAX_OBJECTS * MAX_TOKENS, dtype=torch.long), torch.zeros(len(scenes), MAX_OBJECTS * MAX_TOKENS)
-    boxes = np.zeros((len(scenes), MAX_OBJECTS * MAX_TOKENS, FRAMES, 4), np.float32)
+    B, K = len(scenes), MAX_OBJECTS * MAX_TOKENS
+    idx, weight, boxes = torch.zeros(B, K, dtype=torch.long), torch.zeros(B, K), np.zeros((B, K, FRAMES, 4), np.float32)
     for b, (scene, cap) in enumerate(zip(scenes, caps)):
         if not cap:
             continue
@@ -205,8 +205,13 @@ def make_optimizer(params, lr, device):
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=torch.tensor(lr, device=device) if cuda else lr, weight_decay=0.01,
                             fused=cuda, capturable=cuda)
-    return opt, lambda factor: opt.param_groups[0]["lr"].fill_(lr * factor) if cuda else \
-        opt.param_groups[0].__setitem__("lr", lr * factor)
+
+    def set_lr(factor):
+        if cuda:
+            opt.param_groups[0]["lr"].fill_(lr * factor)  # in place: the captured step reads this tensor
+        else:
+            opt.param_groups[0]["lr"] = lr * factor
+    return opt, set_lr
 
 
 def autocast(device):
@@ -230,13 +235,14 @@ def train_decoder(vae, rng, steps, batch, device):
         return loss
 
     vae.train()
-    set_lr(schedule(0, 0, max(1, steps // 20)))
+    warm = max(1, steps // 20)
+    set_lr(schedule(0, 0, warm))
     run = graphed(step, device)
     for i in range(steps):
         _, video, _ = sample_batch(rng, batch // FRAMES, device)
         target.copy_(video.flatten(0, 1) * 2 - 1)
         z.copy_(toyworld.latents_of(video).transpose(1, 2).flatten(0, 1))
-        set_lr(schedule(i, i / steps, max(1, steps // 20)))
+        set_lr(schedule(i, i / steps, warm))
         loss = run()
         if i % 250 == 0 or i == steps - 1:
             log(f"decoder step {i}/{steps} loss {loss.item():.4f}")
@@ -286,8 +292,9 @@ def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes, gr
         caps, video, scenes = sample_batch(rng, batch, device)
         x0.copy_(toyworld.latents_of(video))
         ids.copy_(tokens(caps))
-        for buf, new in zip((idx, weight, boxes), grounding_targets(scenes, caps, tokens, device)):
-            buf.copy_(new)
+        if ground_weight:
+            for buf, new in zip((idx, weight, boxes), grounding_targets(scenes, caps, tokens, device)):
+                buf.copy_(new)
         set_lr(schedule(i, progress, warm))
         losses = run()
         decay = min(0.999, (1 + i) / (10 + i))
@@ -301,12 +308,14 @@ def train_unet(unet, encoder, tokens, rng, steps, batch, device, max_minutes, gr
     return ema, i
 
 
-def write_folder(out_dir, unet, text_state, vae, seed, info):
+def write_folder(out_dir, unet, encoder, vae, seed, info):
     """The published layout, every floating tensor in fp16; written to a temporary folder, then renamed."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    text_state = {"text_model." + k: v for k, v in encoder.state_dict().items()}  # the transformers-4 keys
+    text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
     write_pipeline_files(tmp)
     _write(os.path.join(tmp, "unet"), "diffusion_pytorch_model", UNET_CFG, half(unet.state_dict()), False)
     _write(os.path.join(tmp, "text_encoder"), "model", TEXT_CFG, half(text_state), False)
@@ -360,13 +369,12 @@ def main(argv=None):
     log(f"UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, {args.steps} steps of {args.batch}")
     ema, done = train_unet(unet, encoder, TokenCache(tokenizer), rng, args.steps, args.batch, device,
                            args.max_minutes, args.ground_weight)
-    text_state = {"text_model." + k: v for k, v in ema["text"].state_dict().items()}
-    text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
     seconds = time.perf_counter() - start
-    info = {"seed": args.seed, "init": args.init, "ground_weight": args.ground_weight, "unet_steps": done, "batch": args.batch, "decoder_steps": args.decoder_steps,
-            "train_seconds": round(seconds, 1), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else "cpu", "date": time.strftime("%Y-%m-%d"), "commit": code_commit()}
-    write_folder(args.out_dir, ema["unet"], text_state, vae, args.seed, info)
+    info = {"seed": args.seed, "init": args.init, "ground_weight": args.ground_weight, "unet_steps": done,
+            "batch": args.batch, "decoder_steps": args.decoder_steps, "train_seconds": round(seconds, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "commit": code_commit()}
+    write_folder(args.out_dir, ema["unet"], ema["text"], vae, args.seed, info)
     log(f"wrote {args.out_dir} after {seconds / 60:.1f} min ({done} UNet steps)")
 
 
