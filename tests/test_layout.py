@@ -240,9 +240,10 @@ def test_nchw_layout_is_the_reference_and_gives_the_same_output(unet):
     finally:
         fast.apply(unet, kernels=None)
     assert y_cl.is_contiguous() and y_cl.shape == x.shape  # the API: contiguous b c f h w
-    # fp32 (CPU): measured output 1.9e-6 (5.3x), gradient 4.7e-6: only 2.1x under the 1e-5 parity budget
-    # (reported, not loosened)
-    assert rel_err(y_cl, y_nchw[0]) <= 1e-5 and rel_err(g_cl, g_nchw) <= 1e-5
+    # fp32 (CPU): output 1.9e-6, so 1e-5 = 5.3x. The guidance gradient: 4.6-5.9e-6 over seeds 3-10, fp32 noise of
+    # the gradient itself (tests/test_fused.py: the reference's fp32 gradient is 4.2e-6 from float64), so its bound
+    # is 3e-5 = 5x the worst; channels-last changes no arithmetic the float64 tests there would not see.
+    assert rel_err(y_cl, y_nchw[0]) <= 1e-5 and rel_err(g_cl, g_nchw) <= 3e-5
     assert torch.equal(forward(), y_cl)
 
 
