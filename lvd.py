@@ -116,7 +116,8 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
     fast:     the fast layer (fast/): the CFG step and the guidance pass replayed from CUDA graphs, fused Triton
               kernels where Triton runs, channels-last activations; same results up to rounding. None: on for
-              CUDA. False: the reference modules as they are.
+              CUDA. False: the reference modules as they are. The graphs are kept on the UNet for the next call
+              (one of the same shape replays at once); `fast.release_graphs(pipe.unet)` frees them.
     memory:   what the guidance pass keeps for its backward: 'off', 'cheap' or 'full' (fast/memory.py); same
               gradient. None: 'cheap' with `fast`, else 'off' (the reference).
     """
@@ -130,13 +131,13 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     if fast:
         stage("fast layer: CUDA graphs and Triton kernels (compiled on a first run, then cached on disk)")
     layer = use_fast_layer(pipe.unet, fast, memory)
-    pool = layer.graph_pool() if fast else None  # one memory pool for both graphs (they never run at once)
-    before_step, final_prompt, graphed_pass = None, prompt, None
+    graphs = layer.graphs(pipe.unet) if fast else None  # kept for the next call; one memory pool
+    before_step, final_prompt = None, prompt
     if layout is not None and guidance is not None:
         import attention  # the guidance machinery, only needed for guided runs
         before_step, final_prompt = attention.guidance_for_layout(pipe, prompt, layout, frames, height, width, guidance)
         if fast:
-            graphed_pass = layer.graph_guidance(before_step, pool)
+            graphs.guidance_pass(before_step)  # the kept graph where the masks and tokens are the same
         info.update(guidance=before_step, guidance_history=before_step.history, prompt_suffixes=before_step.suffixes)
     info["final_prompt"] = final_prompt
     text = encode_text(pipe, [negative_prompt, final_prompt])  # (2, 77, d): negative first (§10)
@@ -147,12 +148,11 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     def cfg_unet(x, t, text):  # one latent, two text rows (the fast UNet runs the text-free prefix once)
         with torch.no_grad():
             return pipe.unet(x, t, text)
-    if fast:
-        cfg_unet = layer.Graphed(cfg_unet, pool=pool)
+    step_unet = graphs.cfg_step() if fast else cfg_unet  # the fast layer: the same call, from a kept CUDA graph
 
     def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2
         t = torch.as_tensor(t, device=x.device)
-        eps_u, eps_c = cfg_unet(x, t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
+        eps_u, eps_c = step_unet(x, t, text).chunk(2)  # (2, 4, f, h, w) -> 2 × (1, 4, f, h, w)
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     run = sampler.dpm_solver_pp_2m if solver == "dpm" else sampler.ddim
@@ -160,13 +160,16 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     stage(f"denoising: {steps} steps" + (f", LVD guidance on the first {guided}" if guided else ""))
     t = time.perf_counter()
     x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
-    for graphed in (cfg_unet, graphed_pass) if fast else ():
-        if graphed is not None:
-            graphed.reset()  # the graphs' memory, before the decode
     info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
     info["latents"] = x0
     stage("decoding")
-    frames_u8 = decode(pipe, x0, vae_slice)
+    try:
+        frames_u8 = decode(pipe, x0, vae_slice)
+    except torch.OutOfMemoryError:
+        if not fast:
+            raise
+        layer.release_graphs(pipe.unet)  # the kept graphs' memory, then once more
+        frames_u8 = decode(pipe, x0, vae_slice)
     info["decode_s"] = time.perf_counter() - t
     return frames_u8
 

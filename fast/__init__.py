@@ -20,7 +20,8 @@ The parts, each usable alone:
   their math in PyTorch ('torch', the kernels' reference), or None.
 - `channels_last`: the activations channels-last ((b f) h w c in memory), so cuDNN and the token reshapes need
   no transposes.
-- CUDA graphs (graphs.py): `Graphed` replays the CFG step; `graph_guidance` replays the guidance pass.
+- CUDA graphs (graphs.py): `Graphed` replays the CFG step; `graph_guidance` replays the guidance pass;
+  `graphs(model)` keeps both for the model across `generate` calls, `release_graphs(model)` frees them.
 """
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ import torch.nn as nn
 import unet3d
 import unet_transformers
 from fast import fused, memory as mem, transformers, unet
-from fast.graphs import Graphed, cudnn_benchmark, graph_pool  # noqa: F401 (the layer's public names)
+from fast.graphs import GraphCache, Graphed, cudnn_benchmark, graph_pool  # noqa: F401 (the layer's public names)
 
 # reference class -> fast class (a subclass with the same parameters)
 SWAPS = {
@@ -42,7 +43,8 @@ SWAPS = {
     nn.Conv2d: mem.Conv2d, nn.Conv3d: mem.Conv3d, nn.GroupNorm: mem.GroupNorm, nn.LayerNorm: fused.LayerNorm,
 }
 REFERENCE = {v: k for k, v in SWAPS.items()}
-_STATE = ("fused", "memory", "_temb_bias", "_joined_weights", "_carried_biases", "_out_bias")  # what the fast layer sets
+_STATE = ("fused", "memory", "_temb_bias", "_joined_weights", "_carried_biases", "_out_bias", "_graphs",
+          "_fast_settings")  # what the fast layer sets
 
 
 def _kernels(kernels):
@@ -65,7 +67,12 @@ def apply(model, memory="cheap", kernels="auto", channels_last=True):
     if not isinstance(model, unet3d.UNet3D):
         raise TypeError(f"fast.apply: expected a unet3d.UNet3D, got {type(model).__name__}")
     mem.checkpoint_mode(memory)  # a clear error for an unknown mode
-    swap(model, _kernels(kernels))
+    kernels = _kernels(kernels)
+    settings = (memory, kernels and kernels.backend, bool(channels_last))
+    if getattr(model, "_fast_settings", None) != settings:
+        release_graphs(model)  # the kept graphs replay the old settings' kernels
+    model._fast_settings = settings
+    swap(model, kernels)
     model.memory = memory
     _conv_layout(model, channels_last)
     return model
@@ -85,6 +92,7 @@ def swap(module, kernels=None):
 
 def remove(model):
     """Undo `apply`: the reference classes, NCHW weights, nothing of the fast layer left on the modules. -> model"""
+    release_graphs(model)
     for m in model.modules():
         if type(m) in REFERENCE:
             m.__class__ = REFERENCE[type(m)]
@@ -108,3 +116,18 @@ def graph_guidance(guide, pool=None):
     graphed = Graphed(guide._pass, pool=pool)
     guide.run_pass = graphed
     return graphed
+
+
+def graphs(model):
+    """The model's `GraphCache` (made on first use): its CUDA graphs, kept across `generate` calls."""
+    if getattr(model, "_graphs", None) is None:
+        model._graphs = GraphCache(model)
+    return model._graphs
+
+
+def release_graphs(model):
+    """Free the model's kept CUDA graphs and their memory (the next call captures again)."""
+    cache = model.__dict__.pop("_graphs", None)
+    if cache is not None:
+        cache.release()
+

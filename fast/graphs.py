@@ -17,6 +17,10 @@ buffers, replays, and returns clones of the static outputs. Cloning at once is w
 to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
 leaves in the pool is dead before the other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
 
+`GraphCache` keeps one model's graphs across `generate` calls (a notebook's second video of the same shape replays
+at once): the CFG step's per input signature, and the guidance pass of the latest guidance set-up, captured again
+when its masks, token positions or parameters change (they are constants of the graph).
+
 `fn` must take and return tensors only, and do no host synchronisation (`.item()`, `int(tensor)`, copies of
 non-pinned CPU tensors): everything that depends on host values (the masks' top-k sizes, the token positions)
 is fixed before the first call.
@@ -99,3 +103,43 @@ class Graphed:
         """Drop the captured graphs (and the memory they hold)."""
         self.graphs.clear()
         self.warm.clear()
+
+
+class GraphCache:
+    """One model's graphs, kept across `generate` calls in one memory pool: the CFG step (`cfg_step`) and the
+    guidance pass of the latest guidance set-up (`guidance_pass`). `release()` frees them and their memory."""
+
+    def __init__(self, unet):
+        self.unet, self.pool = unet, graph_pool()
+        self.cfg, self.guide, self.guidance = None, None, None
+
+    def cfg_step(self):
+        """The CFG step's UNet call (x (1, 4, f, h, w), t, text (2, 77, d)) -> eps (2, 4, f, h, w), as a Graphed."""
+        if self.cfg is None:
+            unet = self.unet
+            self.cfg = Graphed(torch.no_grad()(lambda x, t, text: unet(x, t, text)), pool=self.pool)
+        return self.cfg
+
+    def guidance_pass(self, guide):
+        """Replay `guide`'s pass (attention.LatentGuidance) from a graph: the kept one where the last guidance had
+        the same constants, else a new one (the old one freed). -> the Graphed, now `guide.run_pass`."""
+        if self.guide is None or not same_pass(self.guide, guide):
+            if self.guidance is not None:
+                self.guidance.reset()
+            self.guide, self.guidance = guide, Graphed(guide._pass, pool=self.pool)
+        guide.run_pass = self.guidance
+        return self.guidance
+
+    def release(self):
+        for graphed in (self.cfg, self.guidance):
+            if graphed is not None:
+                graphed.reset()
+        self.cfg, self.guide, self.guidance = None, None, None
+
+
+def same_pass(a, b):
+    """Whether two LatentGuidance passes run the same graph: same UNet, parameters, token positions and masks (the
+    text embedding is an input of the pass, not a constant)."""
+    return (a.unet is b.unet and a.params == b.params and a.token_positions == b.token_positions
+            and a.masks.keys() == b.masks.keys()
+            and all(torch.equal(torch.as_tensor(a.masks[k]), torch.as_tensor(b.masks[k])) for k in a.masks))

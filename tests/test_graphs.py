@@ -32,11 +32,11 @@ def _unet(device):
     return UNet3D(cfg).to(device).eval().requires_grad_(False)
 
 
-def _guide(unet, cond, graphed, f=3, h=16, w=16):
+def _guide(unet, cond, graphed, f=3, h=16, w=16, params=None, positions=([2], [4, 5])):
     boxes = [[(0.0, 0.5 - 0.1 * k, 0.4, 0.9 - 0.1 * k) for k in range(f)], [(0.55, 0.1, 0.95, 0.45)] * f]
     masks = A.layer_masks(boxes, (h, w))
-    guide = A.LatentGuidance(unet, cond, masks, [[2], [4, 5]], NoiseSchedule.from_config(SCHEDULE),
-                             A.GuidanceParams())
+    guide = A.LatentGuidance(unet, cond, masks, positions, NoiseSchedule.from_config(SCHEDULE),
+                             params or A.GuidanceParams())
     if graphed:
         fast.graph_guidance(guide, fast.graph_pool())
     return guide
@@ -47,6 +47,33 @@ def test_without_cuda_the_function_runs_directly():
     g = fast.Graphed(lambda a, b: calls.append(1) or a + b)
     assert torch.equal(g(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
     assert g.stats == {"eager": 1, "captured": 0, "replayed": 0} and calls == [1]
+
+
+def test_kept_graphs_serve_only_a_pass_with_the_same_constants():
+    """fast.graphs(unet) keeps one guidance pass: reused for a guide that differs only in its text (an input of the
+    pass), captured anew for other masks, token positions or parameters; apply with other settings and remove
+    drop the kept graphs. On the CPU the Graphed runs its function directly, so the reused pass is checked too."""
+    unet = fast.apply(_unet("cpu"), kernels=None)
+    cache = fast.graphs(unet)
+    assert fast.graphs(unet) is cache and cache.cfg_step() is cache.cfg_step()
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    a, b = _guide(unet, cond, False), _guide(unet, 2 * cond, False)
+    kept = cache.guidance_pass(a)
+    assert cache.guidance_pass(b) is kept and b.run_pass is kept
+    x = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    (l1, g1), (l0, g0) = b.loss_and_grad(x, 500), _guide(unet, 2 * cond, False).loss_and_grad(x, 500)
+    assert torch.equal(g1, g0) and torch.equal(l1, l0)  # b's text, through a's pass
+    for other in (_guide(unet, cond, False, h=24), _guide(unet, cond, False, positions=([2], [4])),
+                  _guide(unet, cond, False, params=A.GuidanceParams(loss_scale=7.0))):
+        new = cache.guidance_pass(other)
+        assert new is not kept and other.run_pass is new
+        kept = new
+    fast.apply(unet, kernels=None)  # the same settings: kept
+    assert fast.graphs(unet) is cache
+    fast.apply(unet, memory="full", kernels=None)  # other settings: dropped
+    assert fast.graphs(unet) is not cache
+    fast.remove(unet)
+    assert "_graphs" not in unet.__dict__ and "_fast_settings" not in unet.__dict__
 
 
 class HostTraffic(TorchDispatchMode):
@@ -146,3 +173,32 @@ def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
     assert len(infos[2]["guidance_history"]) == 20
     (e0, e1, f) = (info["latents"] for info in infos)
     assert rel(f, e0) <= max(10 * rel(e1, e0), 1e-5), (rel(f, e0), rel(e1, e0))
+
+
+@cuda
+def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
+    """generate keeps the fast layer's graphs on the UNet: a second video of the same shape and layout captures
+    nothing (no eager warm-up either) and gives the first one's latents; another layout captures its pass anew."""
+    pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
+    layout = planner.plan("A bear walks from the left to the right")
+    params = A.GuidanceParams(loss_threshold=-1.0)  # 4 steps × 5 passes
+
+    def video(lay):
+        info = {}
+        lvd.generate(pipe, lay.prompt, lay, 2, 64, 64, steps=4, guidance=params, info=info, fast=True)
+        return info["latents"]
+    first = video(layout)
+    cache = fast.graphs(pipe.unet)
+    cfg, guidance = cache.cfg, cache.guidance
+    assert cfg.stats == {"eager": 1, "captured": 1, "replayed": 3}
+    assert guidance.stats == {"eager": 1, "captured": 1, "replayed": 19}
+    second = video(layout)
+    assert cache.cfg is cfg and cfg.stats == {"eager": 1, "captured": 1, "replayed": 7}
+    assert cache.guidance is guidance and guidance.stats == {"eager": 1, "captured": 1, "replayed": 39}
+    assert rel(second, first) <= 1e-5, rel(second, first)  # step 0 of the first ran eagerly: fp32 rounding
+    other = planner.plan("A realistic lively video of a scene with a car moving from the left to the right")
+    video(other)
+    assert cache.cfg is cfg and cfg.stats["replayed"] == 11 and cache.guidance is not guidance
+    assert cache.guidance.stats == {"eager": 1, "captured": 1, "replayed": 19}
+    fast.release_graphs(pipe.unet)
+    assert "_graphs" not in pipe.unet.__dict__
