@@ -112,6 +112,7 @@ class GraphCache:
     def __init__(self, unet):
         self.unet, self.pool = unet, graph_pool()
         self.cfg, self.guide, self.guidance = None, None, None
+        self.compiled = set()  # input signatures whose kernels fast.compile_kernels has compiled
 
     def cfg_step(self):
         """The CFG step's UNet call (x (1, 4, f, h, w), t, text (2, 77, d)) -> eps (2, 4, f, h, w), as a Graphed."""

@@ -14,6 +14,8 @@ are two-level, as `fused.group_stats`: a program reads tiles of BLOCK_S rows × 
 vectorised, no padding of the 10-channel groups) and writes, per channel, its chunk's mean and sum of squared
 deviations (M2), each lane running Welford's update; one program per (sample, group) then merges the chunks and
 the group's channels exactly (Chan et al.'s parallel variance) in fp32.
+Sizes that only bound loops and row masks (S, K, ITERS) and the per-group kernels' sizes are not specialised on
+(`do_not_specialize`): each specialisation is one more compilation on a first run (fewer variants, same speed).
 The apply kernels are flat elementwise passes with per-(n, c) scale and shift vectors, so the broadcast add (the
 resnet's time embedding) and the affine parameters fold into them. Everything is computed in fp32 and rounded once.
 
@@ -89,7 +91,7 @@ def _load_rows(base, r0, S, C, cols, cm, BLOCK_S: tl.constexpr):
     return x.to(tl.float32), valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "K", "ITERS"])
 def _chunk_stats(x_ptr, mean_ptr, m2_ptr, S, C, K, ITERS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (n, k, cb): rows [k·ITERS·BLOCK_S, (k + 1)·ITERS·BLOCK_S) of sample n, channels
     [cb·BLOCK_C, (cb + 1)·BLOCK_C) -> per channel the chunk's mean and M2. Each lane (row slot, channel) runs
@@ -121,7 +123,7 @@ def _partials(ptr, n, kk, K, C, ch, cm):
     return tl.load(ptr + (n * K + kk)[:, None] * C + ch[None, :], mask=mask, other=0.0), mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "C", "CG", "K", "ROWS", "AN"])
 def _group_affine(mean_k_ptr, m2_k_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, S, C, CG,
                   K, ROWS, AN, eps, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
                   BLOCK_K: tl.constexpr):
@@ -171,7 +173,7 @@ def _channel_vectors(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, n, cols, cm, AN,
     return r[None, :], q[None, :], (r * w)[None, :], shift[None, :], w[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "CG", "K", "ITERS", "AN"])
 def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1_ptr, s2_ptr, S, C, CG, K, ITERS,
                      AN, HAS_ADD: tl.constexpr, SILU: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_C: tl.constexpr):
@@ -197,7 +199,7 @@ def _chunk_grad_sums(x_ptr, g_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, s1
     tl.store(s2_ptr + out, tl.sum(s2, axis=0), mask=cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "C", "CG", "K", "AN"])
 def _grad_coefficients(s1_ptr, s2_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, c3_ptr,
                        c4_ptr, S, C, CG, K, AN, HAS_ADD: tl.constexpr, G: tl.constexpr, CG_PAD: tl.constexpr,
                        BLOCK_K: tl.constexpr):

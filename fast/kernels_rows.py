@@ -42,7 +42,7 @@ def _layer_row(x_ptr, add_ptr, offs, cols, cm, mask, HAS_ADD: tl.constexpr):
     return tl.where(mask, x, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _layer_norm_fwd(x_ptr, add_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, C, eps, HAS_ADD: tl.constexpr,
                     C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
     rows, cols, cm, mask, offs = _rows(R, C, C_PAD, BLOCK_R)
@@ -57,7 +57,7 @@ def _layer_norm_fwd(x_ptr, add_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, 
     tl.store(rstd_ptr + rows, rstd, mask=rows < R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _layer_norm_bwd(x_ptr, add_ptr, g_ptr, r_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, R, C,
                     HAS_ADD: tl.constexpr, HAS_R: tl.constexpr, C_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
     """dx = LayerNorm's ∂L/∂x from g [+ r, the gradient of a residual path that also reads x]."""

@@ -202,3 +202,40 @@ def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     assert cache.guidance.stats == {"eager": 1, "captured": 1, "replayed": 19}
     fast.release_graphs(pipe.unet)
     assert "_graphs" not in pipe.unet.__dict__
+
+
+@cuda
+def test_compile_kernels_leaves_nothing_to_compile_at_the_first_call():
+    """fast.compile_kernels records the CFG step's and the guidance pass's kernel variants without running them and
+    compiles them in threads: the real calls after it compile nothing and give what they give without it."""
+    import triton
+    from fast import kernels, kernels_attention, kernels_rows
+    jitted = [f for mod in (kernels, kernels_rows, kernels_attention) for f in vars(mod).values()
+              if isinstance(f, triton.runtime.jit.JITFunction)]
+    x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    text = torch.randn(2, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    t = torch.tensor(500, device="cuda")
+
+    def run(unet, guide):
+        with torch.no_grad():
+            return unet(x, t, text), guide.loss_and_grad(x, t)[1]
+    for f in jitted:
+        f.device_caches.clear()  # this process has compiled none of them (the disk cache may hold them)
+    unet = fast.apply(_unet("cuda"), kernels="triton")
+    guide = _guide(unet, text[1:], False)
+    n, _ = fast.compile_kernels(unet, x, text, guide)
+    assert n >= 8, n  # GroupNorm, LayerNorm, GEGLU, frame attention ... forward and backward
+    compiled = []
+    old, triton.knobs.runtime.jit_post_compile_hook = (triton.knobs.runtime.jit_post_compile_hook,
+                                                      lambda **kw: compiled.append(kw["repr"]))
+    try:
+        y, g = run(unet, guide)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = old
+    assert compiled == []
+    assert fast.compile_kernels(unet, x, text, guide) == (0, 0.0)  # once per shape
+    for f in jitted:
+        f.device_caches.clear()
+    other = fast.apply(_unet("cuda"), kernels="triton")  # the same weights, compiled at first launch
+    y0, g0 = run(other, _guide(other, text[1:], False))
+    assert rel(y, y0) <= 1e-6 and rel(g, g0) <= 1e-5, (rel(y, y0), rel(g, g0))  # atomics in some backward kernels

@@ -1,0 +1,74 @@
+"""Compile the fast layer's Triton kernels in parallel before the first call of a run.
+
+What to read: fast/kernels.py (the kernels); results/perf-notes.md (the first-run times).
+
+Why: with an empty kernel cache, the first 256×256×16 run compiled about 90 kernel variants one after another (each
+launch waits for its own compilation): 28 s of a 37 s run on an H100 (2026-12-06). Most of a compilation is in
+subprocesses (ptxas, the C build of the launcher) and in LLVM, which threads can overlap.
+
+How (`precompile`): each given call runs once with Triton's `jit_cache_hook` set, so every kernel variant this
+process has not compiled yet is recorded (its specialisation) instead of compiled and launched: that pass computes
+nothing useful (the kernels' outputs stay unwritten) and its result is dropped. The recorded variants are then
+compiled, or read from the disk cache, by `JITFunction.preload` in a pool of threads, and loaded onto the GPU. The
+real calls that follow find them compiled. Where this Triton lacks the hook or `preload`, or anything in it fails,
+nothing is lost: the kernels compile at their first launch, as without it.
+
+Official implementation: none. Same results: it only fills the caches the first launch would fill (the graph and
+kernel tests run after it in `lvd.generate`).
+"""
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def precompile(calls, workers=None):
+    """calls: [(fn, args)], each run once with its kernel launches recorded (on a side stream, result dropped).
+    Compiles the recorded variants in `workers` threads (default: the CPU count). -> (variants, seconds)."""
+    try:
+        import triton
+        from triton.runtime.jit import JITFunction
+        hook_owner = triton.knobs.runtime
+    except (ImportError, AttributeError):
+        return 0, 0.0
+    if not hasattr(JITFunction, "preload") or not hasattr(hook_owner, "jit_cache_hook"):
+        return 0, 0.0
+    t0, seen = time.perf_counter(), {}
+
+    def record(*, key, fn, compile, **_):
+        seen.setdefault((id(fn.jit_function), str(key)), (fn.jit_function, compile["specialization_data"]))
+        return True  # skip the compilation and the launch
+
+    old, hook_owner.jit_cache_hook = hook_owner.jit_cache_hook, record
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for fn, args in calls:
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+    except Exception as e:  # noqa: BLE001 (a pass that cannot run recorded: compile at first launch instead)
+        log.warning("precompile: the recording pass failed (%s: %s); kernels compile at first launch",
+                    type(e).__name__, e)
+        return 0, time.perf_counter() - t0
+    finally:
+        hook_owner.jit_cache_hook = old
+    device = torch.cuda.current_device()
+
+    def build(item):
+        torch.cuda.set_device(device)
+        kernel = item[0].preload(item[1])  # compiled, or read from the disk cache
+        init = getattr(kernel, "_init_handles", None)  # load onto the GPU, build the launcher
+        if init is not None:
+            init()
+
+    try:
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            list(pool.map(build, seen.values()))
+    except Exception as e:  # noqa: BLE001 (the rest compile at their first launch)
+        log.warning("precompile: %s: %s; the remaining kernels compile at first launch", type(e).__name__, e)
+    return len(seen), time.perf_counter() - t0
