@@ -68,6 +68,7 @@ def test_kept_graphs_serve_only_a_pass_with_the_same_constants():
         new = cache.guidance_pass(other)
         assert new is not kept and other.run_pass is new
         kept = new
+    assert fast.compile_kernels(unet, x, torch.cat([cond, cond]), a) == (0, 0.0)  # no Triton kernels to compile
     fast.apply(unet, kernels=None)  # the same settings: kept
     assert fast.graphs(unet) is cache
     fast.apply(unet, memory="full", kernels=None)  # other settings: dropped
