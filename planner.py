@@ -42,8 +42,6 @@ import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-import requests
-
 from layout import (CANVAS, NUM_LAYOUT_FRAMES, Layout, LayoutError, LayoutWarning, Track,  # noqa: F401 (re-exported)
                     atomic_write_json as _atomic_write_json, parse_layout)
 
@@ -160,6 +158,7 @@ def chat(messages, base_url=None, model=None, api_key=None, *, temperature=0.25,
     `max_wait` s (a longer Retry-After raises at once). A read timeout is not retried. Errors:
     401/403 LLMAuthError, 404 LLMNotFound, a 200 without usable JSON LLMBadResponse, else LLMError.
     """
+    import requests  # here, not at the top: only a run that calls the LLM needs it (0.05-0.15 s of a start)
     base_url, model, api_key, _ = resolve_llm(base_url, model, api_key)
     url = f"{base_url}/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -50,8 +50,6 @@ import sys
 import time
 import types
 
-import requests
-
 if __package__ in (None, ""):  # run as `python weights/download.py`: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from weights.convert import convert as _convert
@@ -213,6 +211,7 @@ class _Bar:
 
 def _fetch(hub, rel, part, size, bar):
     """Download into part, resuming with Range; return the sha256 (hex) of the whole part."""
+    import requests  # here, not at the top: lvd.py imports this module on every start
     h, hashed, fails = hashlib.sha256(), 0, 0
     while True:
         have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -345,6 +344,7 @@ def download(model="modelscope", variant="fp16", dest=None, endpoint=None, token
                 os.remove(os.path.join(dest, remote))
                 state.drop(remote)
     except OSError as e:
+        import requests
         if isinstance(e, requests.RequestException):
             raise
         raise DownloadError(f"{e.filename or dest}: {e.strerror or e}") from None

@@ -10,7 +10,6 @@ import re
 import time
 from urllib.parse import quote, urljoin, urlparse
 
-import requests
 
 
 class DownloadError(Exception):
@@ -26,6 +25,7 @@ class Hub:
         self.endpoint, self.token, self.repo, self.revision, self.say = endpoint, token, repo, revision, say
         self.rev = revision  # becomes the commit after the first HEAD, so that all files match
         self.retries, self.backoff = retries, backoff
+        import requests  # here, not at the top: every CLI start imports this module, few download
         self.session = requests.Session()
         self.session.headers.update({"Accept-Encoding": "identity", "User-Agent": "lvd-download/1"})
 
@@ -74,6 +74,7 @@ class Hub:
 
     def head(self, rel):
         """(size, etag, lfs) of one remote file; pins self.rev to the commit the hub reports."""
+        import requests
         url, fails, hops = self.url(rel), 0, 0
         while True:
             try:
