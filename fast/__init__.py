@@ -133,7 +133,6 @@ def release_graphs(model):
         cache.release()
 
 
-
 def compile_kernels(model, x, text, guide=None):
     """Before a first call of this shape: compile the Triton kernels of the CFG step (x (1, 4, f, h, w), text
     (2, 77, d)) and of `guide`'s pass (an attention.LatentGuidance) in parallel (precompile.py), once per input

@@ -61,7 +61,7 @@ from unet3d import UNet3D, UNet3DConfig  # noqa: E402
 from vae import VAEConfig, VAEDecoder  # noqa: E402
 from weights.checkpoint import config_from_json  # noqa: E402
 from weights.make_tiny import (SCHEDULER, TOKENIZER_DIR, UNET, TEXT, VAE, _VAEEncoderTree, _perturb,  # noqa: E402
-                               _write, write_pipeline_files)
+                               _write, text_file_state, write_pipeline_files)
 
 FRAMES, SIZE = 8, 128
 MAX_OBJECTS, MAX_TOKENS = 2, 2    # objects a training scene has, tokens of an object's name ("red ball")
@@ -314,11 +314,9 @@ def write_folder(out_dir, unet, encoder, vae, seed, info):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".toy-", dir=parent)
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-    text_state = {"text_model." + k: v for k, v in encoder.state_dict().items()}  # the transformers-4 keys
-    text_state["text_model.embeddings.position_ids"] = torch.arange(TEXT_CFG["max_position_embeddings"])[None]
     write_pipeline_files(tmp)
     _write(os.path.join(tmp, "unet"), "diffusion_pytorch_model", UNET_CFG, half(unet.state_dict()), False)
-    _write(os.path.join(tmp, "text_encoder"), "model", TEXT_CFG, half(text_state), False)
+    _write(os.path.join(tmp, "text_encoder"), "model", TEXT_CFG, half(text_file_state(encoder, TEXT_CFG)), False)
     enc = _perturb(_VAEEncoderTree(vae.config), torch.Generator().manual_seed(seed + 3))
     _write(os.path.join(tmp, "vae"), "diffusion_pytorch_model", VAE_CFG,
            half({**vae.state_dict(), **enc.state_dict()}), False)

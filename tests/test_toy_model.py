@@ -91,10 +91,9 @@ def test_box_masks_equals_attention_box_mask_cell_for_cell():
     tt = _script("train_toy")
     rng = np.random.default_rng(20)
     for h, w in ((8, 8), (4, 4), (5, 7)):
-        lo = rng.uniform(-0.3, 1.0, (400, 2))                             # (x_min, y_min), may hang off the top left
-        hi = lo + rng.uniform(-0.1, 0.8, (400, 2))                        # may hang off the bottom right; some inverted
+        lo = rng.uniform(-0.3, 1.0, (200, 2))                             # (x_min, y_min), may hang off the top left
+        hi = lo + rng.uniform(-0.1, 0.8, (200, 2))                        # may hang off the bottom right; some inverted
         rand = np.concatenate([lo, hi], 1)
-        rand = rand[:200]
         k = rng.integers(-2, 2 * max(h, w) + 3, (60, 4))                  # corners on the half-cell lattice
         lattice = k / np.array([2 * w, 2 * h, 2 * w, 2 * h])
         special = np.array([[0, 0, 0, 0], [0.6, 0.2, 0.3, 0.8], [0, 0, 1, 1], [-0.2, -0.2, 1.2, 1.2]], float)

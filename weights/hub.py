@@ -11,7 +11,6 @@ import time
 from urllib.parse import quote, urljoin, urlparse
 
 
-
 class DownloadError(Exception):
     """A download that cannot complete. The message is one line: what, where and what to do."""
 

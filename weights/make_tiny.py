@@ -156,6 +156,14 @@ def write_pipeline_files(out_dir):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(tok, f))
 
 
+def text_file_state(text, text_cfg):
+    """A CLIPTextEncoder's state under the published file's keys: the `text_model.` prefix and the
+    `position_ids` buffer of transformers 4."""
+    state = {"text_model." + k: v for k, v in text.state_dict().items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(text_cfg["max_position_embeddings"])[None]
+    return state
+
+
 def make_tiny(out_dir, seed=0, fp16_variants=False, full=False, device="cpu"):
     """Write the tiny (or, with full=True, the real-size) random model folder to `out_dir`; return its path."""
     unet_cfg, text_cfg, vae_cfg = (FULL["unet"], FULL["text"], FULL["vae"]) if full else (UNET, TEXT, VAE)
@@ -168,9 +176,7 @@ def make_tiny(out_dir, seed=0, fp16_variants=False, full=False, device="cpu"):
 
     with torch.device(device):
         text = _perturb(CLIPTextEncoder(config_from_json(CLIPTextConfig, text_cfg)), gen)
-    state = {"text_model." + k: v for k, v in text.state_dict().items()}
-    state["text_model.embeddings.position_ids"] = torch.arange(text_cfg["max_position_embeddings"])[None]
-    _write(os.path.join(out_dir, "text_encoder"), "model", text_cfg, state, fp16_variants)
+    _write(os.path.join(out_dir, "text_encoder"), "model", text_cfg, text_file_state(text, text_cfg), fp16_variants)
 
     vae = config_from_json(VAEConfig, vae_cfg)
     with torch.device(device):
