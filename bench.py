@@ -303,6 +303,9 @@ def main(argv=None):
     if not args.no_lvd:
         pipe = lvd.load_pipeline(model_dir, args.device, args.dtype)
         for f, h, w in sizes:
+            if torch.cuda.is_available():  # what the peaks below stand on: the models, and nothing left over
+                print(f"{f}x{h}x{w}: {torch.cuda.memory_allocated() / 2**30:.3f} GiB allocated before its rows",
+                      file=sys.stderr, flush=True)
             lvd_rows(pipe, layout, f, h, w, args, peak, row)
         del pipe
     if torch.cuda.is_available():

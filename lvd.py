@@ -150,8 +150,7 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
             return pipe.unet(x, t, text)
     step_unet = graphs.cfg_step() if fast else cfg_unet  # the fast layer: the same call, from a kept CUDA graph
     if fast:
-        n, s = layer.compile_kernels(pipe.unet, latents, text, before_step)  # a first run's, in parallel
-        info["kernels_precompiled"] = (n, round(s, 2))
+        layer.compile_kernels(pipe.unet, latents, text, before_step)  # a first run's, in parallel
 
     def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2
         t = torch.as_tensor(t, device=x.device)
@@ -285,6 +284,22 @@ def main(argv=None):
         return 130
 
 
+def prepare_fast_layer(args):
+    """A started thread running `fast.prepare()` (Triton's import, driver and first kernel: about 0.7 s) where the
+    run will use the fast layer on CUDA, else None. The CLI starts it before loading the weights: it overlaps
+    with the reading of the files instead of following it."""
+    if args.fast is False or torch.device(args.device).type != "cuda":
+        return None
+    import threading
+
+    def prepare():
+        import fast
+        fast.prepare()
+    thread = threading.Thread(target=prepare, name="lvd-prepare-fast-layer", daemon=True)
+    thread.start()
+    return thread
+
+
 def _main(args):
     timings, t0 = {}, time.perf_counter()
     try:
@@ -301,8 +316,11 @@ def _main(args):
             download(model=args.model, variant="fp16" if args.dtype == torch.float16 else "fp32", dest=args.model_dir)
         t = time.perf_counter()
         progress.stage(f"loading the model from {args.model_dir}")
+        preparing = prepare_fast_layer(args)  # Triton's set-up in a thread, while the weights load
         pipe = load_pipeline(args.model_dir, args.device, args.dtype, args.model)
         timings["load_s"] = time.perf_counter() - t
+        if preparing is not None:
+            preparing.join()
         t, info = time.perf_counter(), {}
         with cudnn_benchmark(bool(args.cudnn_benchmark)):
             frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,

@@ -30,7 +30,8 @@ import torch.nn as nn
 import unet3d
 import unet_transformers
 from fast import fused, memory as mem, transformers, unet
-from fast.graphs import GraphCache, Graphed, cudnn_benchmark, graph_pool  # noqa: F401 (the layer's public names)
+from fast.graphs import (GraphCache, Graphed, cudnn_benchmark, graph_guidance,  # noqa: F401 (the public names)
+                         graph_pool)
 
 # reference class -> fast class (a subclass with the same parameters)
 SWAPS = {
@@ -111,14 +112,6 @@ def _conv_layout(model, channels_last):
             m.weight.data = m.weight.data.contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
 
 
-def graph_guidance(guide, pool=None):
-    """Replay a LatentGuidance's pass from a CUDA graph (graphs.Graphed; eager where its inputs are not on CUDA).
-    -> the Graphed, whose `reset()` frees the graph."""
-    graphed = Graphed(guide._pass, pool=pool)
-    guide.run_pass = graphed
-    return graphed
-
-
 def graphs(model):
     """The model's `GraphCache` (made on first use): its CUDA graphs, kept across `generate` calls."""
     if getattr(model, "_graphs", None) is None:
@@ -136,13 +129,26 @@ def release_graphs(model):
 def compile_kernels(model, x, text, guide=None):
     """Before a first call of this shape: compile the Triton kernels of the CFG step (x (1, 4, f, h, w), text
     (2, 77, d)) and of `guide`'s pass (an attention.LatentGuidance) in parallel (precompile.py), once per input
-    signature and model. -> (variants, seconds); (0, 0.0) where the model runs no Triton kernels."""
+    signature and model. The recording pass set up cuDNN and cuBLAS as a warm-up would, so the kept graphs
+    capture at their first call. -> (variants, seconds); (0, 0.0) where the model runs no Triton kernels."""
     cache = graphs(model)
     key = (tuple(x.shape), x.dtype, tuple(text.shape), guide is not None)
     if key in cache.compiled or getattr(model, "_fast_settings", (None,) * 3)[1] != "triton" or not x.is_cuda:
         return 0, 0.0
     from fast.precompile import precompile
     t = torch.tensor(999, device=x.device)
-    calls = [(cache.cfg_step().fn, (x, t, text))] + ([(guide._pass, (x, t, text[1:]))] if guide is not None else [])
+    cfg = cache.cfg_step()
+    calls = [(cfg.fn, (x, t, text))] + ([(guide._pass, (x, t, text[1:]))] if guide is not None else [])
     cache.compiled.add(key)
-    return precompile(calls)
+    n, seconds, ran = precompile(calls)
+    if ran:
+        cfg.mark_warm(x, t, text)
+        if guide is not None and isinstance(guide.run_pass, Graphed):
+            guide.run_pass.mark_warm(x, t, text[1:])
+    return n, seconds
+
+
+def prepare():
+    """What `apply` needs first on a CUDA machine: Triton's import, its driver and one small kernel
+    (`fused.available`). Safe to run in a thread while the weights load; the result is `apply`'s too."""
+    return fused.available()

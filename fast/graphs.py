@@ -13,7 +13,10 @@ kernels). A replayed graph issues everything at once.
 How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on
 a side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the
 second captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the
-buffers, replays, and returns clones of the static outputs. Cloning at once is what makes one memory pool safe
+buffers, replays, and returns clones of the static outputs. Where `fn` already ran eagerly with that signature
+(`fast.compile_kernels`' recording pass; `mark_warm`), the first call captures at once. One side stream serves all
+of a Graphed's warm-ups (and all of a GraphCache's): cuBLAS keeps a workspace per stream it has run on, so a new
+stream per warm-up would leave one more workspace allocated each time. Cloning at once is what makes one memory pool safe
 to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
 leaves in the pool is dead before the other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
 
@@ -56,16 +59,24 @@ class Graphed:
     `stats` counts 'eager', 'captured' and 'replayed' calls.
     """
 
-    def __init__(self, fn, enabled=True, pool=None):
-        self.fn, self.enabled, self.pool = fn, enabled, pool
+    def __init__(self, fn, enabled=True, pool=None, stream=None):
+        self.fn, self.enabled, self.pool, self.stream = fn, enabled, pool, stream
         self.graphs, self.warm = {}, set()
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
+
+    @staticmethod
+    def signature(args):
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+
+    def mark_warm(self, *args):
+        """fn has run eagerly on inputs like `args` (cuBLAS, cuDNN and the kernels set up): capture at the first call."""
+        self.warm.add(self.signature(args))
 
     def __call__(self, *args):
         if not (self.enabled and all(a.is_cuda for a in args)):
             self.stats["eager"] += 1
             return self.fn(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        key = self.signature(args)
         if key not in self.warm:
             self.warm.add(key)
             self.stats["eager"] += 1
@@ -82,7 +93,9 @@ class Graphed:
         return out if is_tuple else out[0]
 
     def _side_stream(self, args):
-        side = torch.cuda.Stream()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self.fn(*args)
@@ -111,6 +124,7 @@ class GraphCache:
 
     def __init__(self, unet):
         self.unet, self.pool = unet, graph_pool()
+        self.stream = torch.cuda.Stream() if self.pool is not None else None  # the warm-ups' side stream
         self.cfg, self.guide, self.guidance = None, None, None
         self.compiled = set()  # input signatures whose kernels fast.compile_kernels has compiled
 
@@ -118,7 +132,7 @@ class GraphCache:
         """The CFG step's UNet call (x (1, 4, f, h, w), t, text (2, 77, d)) -> eps (2, 4, f, h, w), as a Graphed."""
         if self.cfg is None:
             unet = self.unet
-            self.cfg = Graphed(torch.no_grad()(lambda x, t, text: unet(x, t, text)), pool=self.pool)
+            self.cfg = Graphed(torch.no_grad()(lambda x, t, text: unet(x, t, text)), pool=self.pool, stream=self.stream)
         return self.cfg
 
     def guidance_pass(self, guide):
@@ -127,7 +141,8 @@ class GraphCache:
         if self.guide is None or not same_pass(self.guide, guide):
             if self.guidance is not None:
                 self.guidance.reset()
-            self.guide, self.guidance = guide, Graphed(guide._pass, pool=self.pool)
+                self.guide.run_pass = self.guide._pass
+            self.guide, self.guidance = guide, graph_guidance(guide, self.pool, self.stream)
         guide.run_pass = self.guidance
         return self.guidance
 
@@ -135,7 +150,17 @@ class GraphCache:
         for graphed in (self.cfg, self.guidance):
             if graphed is not None:
                 graphed.reset()
+        if self.guide is not None:
+            self.guide.run_pass = self.guide._pass  # eager again (and no guide <-> graph reference cycle)
         self.cfg, self.guide, self.guidance = None, None, None
+
+
+def graph_guidance(guide, pool=None, stream=None):
+    """Replay a LatentGuidance's pass from a CUDA graph (a Graphed; eager where its inputs are not on CUDA): it
+    becomes `guide.run_pass`. -> the Graphed, whose `reset()` frees the graph."""
+    graphed = Graphed(guide._pass, pool=pool, stream=stream)
+    guide.run_pass = graphed
+    return graphed
 
 
 def same_pass(a, b):

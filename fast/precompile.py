@@ -8,7 +8,9 @@ subprocesses (ptxas, the C build of the launcher) and in LLVM, which threads can
 
 How (`precompile`): each given call runs once with Triton's `jit_cache_hook` set, so every kernel variant this
 process has not compiled yet is recorded (its specialisation) instead of compiled and launched: that pass computes
-nothing useful (the kernels' outputs stay unwritten) and its result is dropped. The recorded variants are then
+nothing useful (the kernels' outputs stay unwritten) and its result is dropped. Its other work is real: the first
+calls of cuDNN, cuBLAS and flash attention set themselves up, which is what a CUDA graph's eager warm-up is for
+(so `fast.compile_kernels` lets the graphs capture at their first call). The recorded variants are then
 compiled, or read from the disk cache, by `JITFunction.preload` in a pool of threads, and loaded onto the GPU. The
 real calls that follow find them compiled. Where this Triton lacks the hook or `preload`, or anything in it fails,
 nothing is lost: the kernels compile at their first launch, as without it.
@@ -27,16 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def precompile(calls, workers=None):
-    """calls: [(fn, args)], each run once with its kernel launches recorded (on a side stream, result dropped).
-    Compiles the recorded variants in `workers` threads (default: the CPU count). -> (variants, seconds)."""
+    """calls: [(fn, args)], each run once with its kernel launches recorded (result dropped). Compiles the recorded
+    variants in `workers` threads (default: the CPU count). -> (variants, seconds, whether the calls ran)."""
     try:
         import triton
         from triton.runtime.jit import JITFunction
         hook_owner = triton.knobs.runtime
     except (ImportError, AttributeError):
-        return 0, 0.0
+        return 0, 0.0, False
     if not hasattr(JITFunction, "preload") or not hasattr(hook_owner, "jit_cache_hook"):
-        return 0, 0.0
+        return 0, 0.0, False
     t0, seen = time.perf_counter(), {}
 
     def record(*, key, fn, compile, **_):
@@ -45,16 +47,12 @@ def precompile(calls, workers=None):
 
     old, hook_owner.jit_cache_hook = hook_owner.jit_cache_hook, record
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for fn, args in calls:
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
+        for fn, args in calls:
+            fn(*args)
     except Exception as e:  # noqa: BLE001 (a pass that cannot run recorded: compile at first launch instead)
         log.warning("precompile: the recording pass failed (%s: %s); kernels compile at first launch",
                     type(e).__name__, e)
-        return 0, time.perf_counter() - t0
+        return 0, time.perf_counter() - t0, False
     finally:
         hook_owner.jit_cache_hook = old
     device = torch.cuda.current_device()
@@ -71,4 +69,4 @@ def precompile(calls, workers=None):
             list(pool.map(build, seen.values()))
     except Exception as e:  # noqa: BLE001 (the rest compile at their first launch)
         log.warning("precompile: %s: %s; the remaining kernels compile at first launch", type(e).__name__, e)
-    return len(seen), time.perf_counter() - t0
+    return len(seen), time.perf_counter() - t0, True

@@ -151,3 +151,15 @@ def test_progress_names_each_stage_and_marks_the_guided_steps(tiny_model_dir, la
     final_bar = err.split("denoising ")[-1]  # the last redraw, after the guided steps
     assert "[" + "G" * 20 + "####]" in final_bar and "12/12" in final_bar, final_bar
     assert "fast layer" not in err  # the CPU runs the reference: nothing to compile
+
+
+def test_the_fast_layer_is_prepared_in_a_thread_only_for_fast_cuda_runs():
+    """The CLI starts Triton's set-up (fast.prepare) in a thread before loading the weights, only where the run
+    uses the fast layer on CUDA; the thread ends by itself (here, without CUDA, fused.available() says no)."""
+    import argparse
+    for device, fast in (("cpu", None), ("cpu", True), ("cuda", False)):
+        assert lvd.prepare_fast_layer(argparse.Namespace(device=device, fast=fast)) is None
+    thread = lvd.prepare_fast_layer(argparse.Namespace(device="cuda:0", fast=None))
+    assert thread is not None and thread.daemon
+    thread.join(timeout=60)
+    assert not thread.is_alive()
