@@ -11,8 +11,16 @@ process has not compiled yet is recorded (its specialisation) instead of compile
 nothing useful (the kernels' outputs stay unwritten) and its result is dropped. Its other work is real: the first
 calls of cuDNN, cuBLAS and flash attention set themselves up, which is what a CUDA graph's eager warm-up is for
 (so `fast.compile_kernels` lets the graphs capture at their first call). The recorded variants are then
-compiled, or read from the disk cache, by `JITFunction.preload` in a pool of threads, and loaded onto the GPU. The
-real calls that follow find them compiled. Where this Triton lacks the hook or `preload`, or anything in it fails,
+compiled, or read from the disk cache, by `JITFunction.preload` in a pool of threads, then loaded onto the GPU. The
+real calls that follow find them compiled.
+
+The compilations overlap; loading a kernel and building its launcher (`_init_handles`) happen one at a time (a
+lock), while the other threads go on compiling. Triton loads each launcher as a C extension module, all of one name
+(`__triton_launcher`), and kernels of one signature share a launcher file. When CPython loads such a file a second
+time, it reuses the one module object registered under that name and refreshes its `launch`. Two threads doing
+this at once can hand a kernel another kernel's launcher. Seen on an H100 (2026-12-06, Triton 3.6): the first
+launch of the frame-attention kernel failed with `TypeError: function takes exactly 33 arguments (25 given)`,
+33 being the arity of a GroupNorm kernel's launcher. Where this Triton lacks the hook or `preload`, or anything in it fails,
 nothing is lost: the kernels compile at their first launch, as without it.
 
 Official implementation: none. Same results: it only fills the caches the first launch would fill (the graph and
@@ -20,6 +28,7 @@ kernel tests run after it in `lvd.generate`).
 """
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -57,12 +66,15 @@ def precompile(calls, workers=None):
         hook_owner.jit_cache_hook = old
     device = torch.cuda.current_device()
 
+    one_at_a_time = threading.Lock()
+
     def build(item):
         torch.cuda.set_device(device)
         kernel = item[0].preload(item[1])  # compiled, or read from the disk cache
-        init = getattr(kernel, "_init_handles", None)  # load onto the GPU, build the launcher
+        init = getattr(kernel, "_init_handles", None)  # load onto the GPU, build and load the launcher
         if init is not None:
-            init()
+            with one_at_a_time:  # see the module docstring
+                init()
 
     try:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
