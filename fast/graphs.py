@@ -10,14 +10,14 @@ Why: the guidance pass launches about 5.5k kernels. On the H200 of 2026-12-01 th
 256×256×16 pass whose kernels ran for 58 ms, so the GPU mostly waited (at 576×320×24: 190 ms issue, 169 ms of
 kernels). A replayed graph issues everything at once.
 
-How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on
-a side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the
-second captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the
-buffers, replays, and returns clones of the static outputs. Where `fn` already ran eagerly with that signature
+How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on a
+side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the second
+captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the buffers,
+replays, and returns clones of the static outputs. Where `fn` already ran eagerly with that signature
 (`fast.compile_kernels`' recording pass; `mark_warm`), the first call captures at once. One side stream serves all
 of a Graphed's warm-ups (and all of a GraphCache's): cuBLAS keeps a workspace per stream it has run on, so a new
-stream per warm-up would leave one more workspace allocated each time. Cloning at once is what makes one memory pool safe
-to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
+stream per warm-up would leave one more workspace allocated each time. Cloning at once is what makes one memory pool
+safe to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
 leaves in the pool is dead before the other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
 
 `GraphCache` keeps one model's graphs across `generate` calls (a notebook's second video of the same shape replays

@@ -19,9 +19,10 @@ lock), while the other threads go on compiling. Triton loads each launcher as a 
 (`__triton_launcher`), and kernels of one signature share a launcher file. Seen on an H100 (2026-12-06, Triton 3.6,
 CPython 3.12) with the loading in threads: the first launch of the frame-attention kernel failed with `TypeError:
 function takes exactly 33 arguments (25 given)`, 33 being the arity of a GroupNorm kernel's launcher. The likely
-mechanism: when CPython loads such a file a second time, it reuses the one module object registered under that
-name and refreshes its `launch`, so two threads doing this at once can hand a kernel another kernel's launcher. Where this Triton lacks the hook or `preload`, or anything in it fails,
-nothing is lost: the kernels compile at their first launch, as without it.
+mechanism: when CPython loads such a file a second time, it reuses the one module object registered under that name
+and refreshes its `launch`, so two threads doing this at once can hand a kernel another kernel's launcher. Where
+this Triton lacks the hook or `preload`, or anything in it fails, nothing is lost: the kernels compile at their
+first launch, as without it.
 
 Official implementation: none. Same results: it only fills the caches the first launch would fill (the graph and
 kernel tests run after it in `lvd.generate`).
