@@ -11,10 +11,11 @@ and the stages the CLI reports on its last line (plan, load, denoise, decode, sa
 less those (interpreter start, imports, CUDA set-up, the text encoder). The table names its date, GPU and commit.
 
 Python's bytecode: `pip install` writes torch's compiled modules (.pyc) beside its sources, and every run then reads
-them. Some images ship without them and write none (PYTHONDONTWRITEBYTECODE, a read-only site-packages); there
-every process compiles about 940 of torch's modules again (1.9 s on the H100 machine). Where torch's own bytecode is
-missing, the runs get PYTHONPYCACHEPREFIX (a folder of this run, filled once before the first row), as a pip
-install would have it, and the table says so and gives `import torch` both ways (`--no-bytecode-cache`: as found).
+them. Some images ship without them, or with stale ones, and write none (PYTHONDONTWRITEBYTECODE, a read-only
+site-packages); there every process compiles about 940 of torch's modules again (1.9 s on the H100 machine). Where
+torch's own bytecode is missing or stale (`usable_bytecode`), the runs get PYTHONPYCACHEPREFIX (a folder of this
+run, filled once before the first row), as a pip install would have it, and the table says so and gives `import
+torch` both ways (`--no-bytecode-cache`: as found).
 
 Official implementation: none (the official code is a script run the same way: generation/lvd.py).
 """
@@ -44,15 +45,34 @@ def run(argv, env=None):
     return wall, stages
 
 
-def bytecode_env(work):
-    """(extra environment, a note for the table): PYTHONPYCACHEPREFIX under `work` where torch has no bytecode."""
+def usable_bytecode(source):
+    """Whether Python would read `source`'s bytecode instead of compiling it again: a .pyc of this interpreter's
+    magic number that records the source's mtime and size (or is hash-based). A stale .pyc is compiled again in
+    every process where none may be written, as if there were none."""
     import importlib.util
-    origin = importlib.util.find_spec("torch").origin
-    if os.path.exists(importlib.util.cache_from_source(origin)):
+    try:
+        with open(importlib.util.cache_from_source(source), "rb") as f:
+            head = f.read(16)
+        st = os.stat(source)
+    except OSError:
+        return False
+    if len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    if int.from_bytes(head[4:8], "little") & 1:  # hash-based (PEP 552)
+        return True
+    return (int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+
+
+def bytecode_env(work):
+    """(extra environment, a note for the table): PYTHONPYCACHEPREFIX under `work` where torch has no usable
+    bytecode."""
+    import importlib.util
+    if usable_bytecode(importlib.util.find_spec("torch").origin):
         return {}, "torch's bytecode as installed"
     return ({"PYTHONPYCACHEPREFIX": os.path.join(work, "pycache"), "PYTHONDONTWRITEBYTECODE": ""},
-            "this installation of torch has no bytecode (.pyc); the runs read it from PYTHONPYCACHEPREFIX, "
-            "filled once before the first row, as `pip install` would have written it")
+            "this installation of torch has no usable bytecode (.pyc: missing or stale); the runs read it from "
+            "PYTHONPYCACHEPREFIX, filled once before the first row, as `pip install` would have written it")
 
 
 def main(argv=None):

@@ -53,3 +53,28 @@ def test_bench_cli_smoke(tmp_path):
         wall, stages = float(r[2]), [float(v) for v in r[3:8]]
         assert wall > 0 and stages[1] > 0 and stages[2] > 0 and sum(stages) <= wall, r  # load, denoise measured
     assert "`python lvd.py --help`:" in out.read_text()
+
+
+def test_bench_cli_reads_torch_bytecode_only_where_python_would_use_it(tmp_path):
+    """bench_cli gives the runs a bytecode cache unless torch's own .pyc would be read: a missing, stale (the source
+    changed since) or foreign (another interpreter's magic number) .pyc counts as none."""
+    import importlib.util
+    import os
+    import py_compile
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    src = tmp_path / "mod.py"
+    src.write_text("x = 1\n")
+    assert not script.usable_bytecode(str(src))  # none yet
+    pyc = py_compile.compile(str(src), cfile=importlib.util.cache_from_source(str(src)))
+    assert script.usable_bytecode(str(src))
+    st = os.stat(src)
+    os.utime(src, (st.st_atime, st.st_mtime + 10))  # the source changed after it was compiled
+    assert not script.usable_bytecode(str(src))
+    py_compile.compile(str(src), cfile=pyc)
+    data = bytearray(Path(pyc).read_bytes())
+    data[0] ^= 0xFF  # another interpreter's magic number
+    Path(pyc).write_bytes(bytes(data))
+    assert not script.usable_bytecode(str(src))
