@@ -21,6 +21,7 @@ Official implementation: none (the official code is a script run the same way: g
 """
 import argparse
 import datetime
+import importlib.util
 import os
 import re
 import subprocess
@@ -49,7 +50,6 @@ def usable_bytecode(source):
     """Whether Python would read `source`'s bytecode instead of compiling it again: a .pyc of this interpreter's
     magic number that records the source's mtime and size (or is hash-based). A stale .pyc is compiled again in
     every process where none may be written, as if there were none."""
-    import importlib.util
     try:
         with open(importlib.util.cache_from_source(source), "rb") as f:
             head = f.read(16)
@@ -67,7 +67,6 @@ def usable_bytecode(source):
 def bytecode_env(work):
     """(extra environment, a note for the table): PYTHONPYCACHEPREFIX under `work` where torch has no usable
     bytecode."""
-    import importlib.util
     if usable_bytecode(importlib.util.find_spec("torch").origin):
         return {}, "torch's bytecode as installed"
     return ({"PYTHONPYCACHEPREFIX": os.path.join(work, "pycache"), "PYTHONDONTWRITEBYTECODE": ""},
