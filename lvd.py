@@ -359,4 +359,7 @@ def _main(args):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is written: skip the interpreter's teardown (CUDA context, graphs, modules; ~0.7 s)

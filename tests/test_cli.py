@@ -1,6 +1,9 @@
 """The CLI on the tiny checkpoint: output folder, GIF, run.json, determinism, guidance by default, errors (issues 3, 4)."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +91,22 @@ def test_missing_model_folder_prints_download_command(layout_file, tmp_path, cap
                      "--out", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "python weights/download.py --model modelscope" in err and "Traceback" not in err
+
+
+def test_the_script_exits_with_main_s_code_and_its_output_flushed(tiny_model_dir, layout_file, tmp_path):
+    """`python lvd.py` ends in os._exit(main()) (no interpreter teardown): the exit code is main's, and what main
+    printed to the pipes arrives (stdout is block-buffered on a pipe: lost without the flush)."""
+    cmd = [sys.executable, "lvd.py", "--prompt", DEMO, "--layout", layout_file, "--frames", "2", "--height", "32",
+           "--width", "32", "--steps", "2", "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for a user
+    run = subprocess.run(cmd + ["--model-dir", tiny_model_dir, "--out", str(tmp_path / "out")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("lvd: wrote "), run.stdout + run.stderr
+    assert os.path.isdir(run.stdout.split()[2])
+    run = subprocess.run(cmd + ["--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "python weights/download.py" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("argv", [["--prompt", "x", "--height", "100"], ["--prompt", "x", "--guidance", "strong"],
