@@ -159,7 +159,9 @@ def run_job(pipe, job, args, guidance, layouts, rank, world):
             timings["plan_s"] = time.perf_counter() - t0
             if failure is None:
                 info = {}
-                with lvd.cudnn_benchmark(args.cudnn_benchmark is not False):  # on unless --no-cudnn-benchmark
+                # cuDNN's algorithm timing and attention kernels: on unless --no-cudnn-benchmark, --no-cudnn-attention
+                with lvd.cudnn_benchmark(args.cudnn_benchmark is not False), \
+                        lvd.cudnn_attention(args.cudnn_attention is not False):
                     frames = lvd.generate(pipe, job.prompt, layout, args.frames, args.height, args.width,
                                           args.steps, args.cfg, args.negative_prompt, job.seed, args.solver,
                                           guidance, vae_slice=args.vae_slice, info=info, fast=args.fast,

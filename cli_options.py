@@ -81,6 +81,11 @@ def add_knob_args(group):
                        help="let cuDNN time its convolution algorithms at each new shape and keep the fastest "
                             "(fast.cudnn_benchmark): UNet calls about 1.5%% faster after a one-off cost on the "
                             "first calls of a size (default: on for batches, --prompts; off for one video)")
+    group.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=None,
+                       help="cuDNN's kernels for the attention (torch's scaled_dot_product_attention picks them on "
+                            "recent GPUs): as fast as flash attention at 256x256x16, but cuDNN builds a graph for "
+                            "each shape in each thread on its first calls, about 1.5 s of one 256x256x16 video on an "
+                            "H100 (default: on for batches, --prompts; off for one video)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -129,6 +134,23 @@ def cudnn_benchmark(enabled):
     from fast import cudnn_benchmark as benchmark
     with benchmark(True):
         yield
+
+
+@contextlib.contextmanager
+def cudnn_attention(enabled):
+    """Inside the block, torch's scaled_dot_product_attention without its cuDNN backend unless `enabled` (then
+    torch's own choice); restored after. Flash or memory-efficient attention take its place: kernels chosen per
+    process, with no per-shape set-up (cuDNN's graphs are built per shape and per thread, and cached per thread)."""
+    switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # torch >= 2.2
+    if enabled or switch is None:
+        yield
+        return
+    old = torch.backends.cuda.cudnn_sdp_enabled()
+    switch(False)
+    try:
+        yield
+    finally:
+        switch(old)
 
 
 def check_writable(folder):

@@ -28,7 +28,7 @@ import torch
 import planner
 import sampler
 from cli_options import (GUIDANCE_KNOBS, HelpFormatter, Progress, add_knob_args,  # noqa: F401 (batch.py)
-                         check_device, check_writable, cudnn_benchmark, guidance_params)
+                         check_device, check_writable, cudnn_attention, cudnn_benchmark, guidance_params)
 from outputs import draw_boxes, run_name, save_gif, save_run, versions  # noqa: F401 (lvd.save_run etc.)
 from text_encoder import CLIPTextEncoder, CLIPTokenizer
 from unet3d import UNet3D
@@ -322,7 +322,7 @@ def _main(args):
         if preparing is not None:
             preparing.join()
         t, info = time.perf_counter(), {}
-        with cudnn_benchmark(bool(args.cudnn_benchmark)):
+        with cudnn_benchmark(bool(args.cudnn_benchmark)), cudnn_attention(bool(args.cudnn_attention)):
             frames = generate(pipe, args.prompt, layout, args.frames, args.height, args.width, args.steps, args.cfg,
                               args.negative_prompt, args.seed, args.solver, guidance, vae_slice=args.vae_slice,
                               on_step=progress, info=info, fast=args.fast, memory=args.checkpointing,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import lvd
@@ -107,6 +108,22 @@ def test_the_script_exits_with_main_s_code_and_its_output_flushed(tiny_model_dir
     run = subprocess.run(cmd + ["--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "python weights/download.py" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("flag, inside", [([], False), (["--cudnn-attention"], True)])
+def test_one_video_runs_without_cudnn_attention_unless_asked(tiny_model_dir, layout_file, tmp_path, monkeypatch,
+                                                              flag, inside):
+    """The CLI samples with torch's cuDNN attention backend off (its per-shape, per-thread set-up costs a
+    one-video run more than its kernels give back), on with --cudnn-attention; torch's flag is restored after."""
+    seen, generate = [], lvd.generate
+
+    def spy(*a, **k):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return generate(*a, **k)
+    monkeypatch.setattr(lvd, "generate", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    run_cli(tiny_model_dir, tmp_path / "out", layout_file, *flag)
+    assert seen == [inside if before else False] and torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 @pytest.mark.parametrize("argv", [["--prompt", "x", "--height", "100"], ["--prompt", "x", "--guidance", "strong"],
