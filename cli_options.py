@@ -142,7 +142,7 @@ def cudnn_attention(enabled):
     """Inside the block, torch's scaled_dot_product_attention without its cuDNN backend unless `enabled` (then
     torch's own choice); restored after. Flash or memory-efficient attention take its place: kernels chosen per
     process, with no per-shape set-up (cuDNN's graphs are built per shape and per thread, and cached per thread)."""
-    switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # torch >= 2.2
+    switch = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # absent where torch has no cuDNN attention
     if enabled or switch is None:
         yield
         return
