@@ -1,6 +1,19 @@
 """bench.py --smoke: every measurement of the GPU benchmark runs (tiny model, CPU) and lands in the table, so a
 session with a GPU does not spend its minutes finding a broken code path. The numbers of a smoke run mean nothing."""
+import importlib.util
+import os
+import py_compile
+from pathlib import Path
+
 import bench
+
+
+def bench_cli_script():
+    """scripts/bench_cli.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def test_smoke_run_fills_every_row(tmp_path, one_thread):
@@ -38,11 +51,7 @@ def test_smoke_run_fills_every_row(tmp_path, one_thread):
 
 def test_bench_cli_smoke(tmp_path):
     """scripts/bench_cli.py --smoke runs the CLI as a user does (tiny model, CPU) and fills every row of its table."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_cli_script()
     out = tmp_path / "cli.md"
     assert script.main(["--smoke", "--out", str(out)]) == 0
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
@@ -58,13 +67,7 @@ def test_bench_cli_smoke(tmp_path):
 def test_bench_cli_reads_torch_bytecode_only_where_python_would_use_it(tmp_path):
     """bench_cli gives the runs a bytecode cache unless torch's own .pyc would be read: a missing, stale (the source
     changed since) or foreign (another interpreter's magic number) .pyc counts as none."""
-    import importlib.util
-    import os
-    import py_compile
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_cli_script()
     src = tmp_path / "mod.py"
     src.write_text("x = 1\n")
     assert not script.usable_bytecode(str(src))  # none yet

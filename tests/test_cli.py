@@ -1,4 +1,5 @@
 """The CLI on the tiny checkpoint: output folder, GIF, run.json, determinism, guidance by default, errors (issues 3, 4)."""
+import argparse
 import json
 import os
 import subprocess
@@ -192,7 +193,6 @@ def test_progress_names_each_stage_and_marks_the_guided_steps(tiny_model_dir, la
 def test_the_fast_layer_is_prepared_in_a_thread_only_for_fast_cuda_runs():
     """The CLI starts Triton's set-up (fast.prepare) in a thread before loading the weights, only where the run
     uses the fast layer on CUDA; the thread ends by itself (here, without CUDA, fused.available() says no)."""
-    import argparse
     for device, fast in (("cpu", None), ("cpu", True), ("cuda", False)):
         assert lvd.prepare_fast_layer(argparse.Namespace(device=device, fast=fast)) is None
     thread = lvd.prepare_fast_layer(argparse.Namespace(device="cuda:0", fast=None))
