@@ -149,8 +149,6 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
         with torch.no_grad():
             return pipe.unet(x, t, text)
     step_unet = graphs.cfg_step() if fast else cfg_unet  # the fast layer: the same call, from a kept CUDA graph
-    if fast:
-        layer.compile_kernels(pipe.unet, latents, text, before_step)  # a first run's, in parallel
 
     def eps_fn(x, t):  # classifier-free guidance as one UNet call, batch 2
         t = torch.as_tensor(t, device=x.device)

@@ -20,7 +20,7 @@ The parts, each usable alone:
   their math in PyTorch ('torch', the kernels' reference), or None.
 - `channels_last`: the activations channels-last ((b f) h w c in memory), so cuDNN and the token reshapes need
   no transposes.
-- `compile_kernels` (precompile.py): a first call's Triton kernels compiled in parallel threads, not one by one.
+- precompile.py: a graph's first (eager) call compiles its Triton kernels in parallel threads, not one by one.
 - CUDA graphs (graphs.py): `Graphed` replays the CFG step; `graph_guidance` replays the guidance pass;
   `graphs(model)` keeps both for the model across `generate` calls, `release_graphs(model)` frees them.
 """
@@ -124,28 +124,6 @@ def release_graphs(model):
     cache = model.__dict__.pop("_graphs", None)
     if cache is not None:
         cache.release()
-
-
-def compile_kernels(model, x, text, guide=None):
-    """Before a first call of this shape: compile the Triton kernels of the CFG step (x (1, 4, f, h, w), text
-    (2, 77, d)) and of `guide`'s pass (an attention.LatentGuidance) in parallel (precompile.py), once per input
-    signature and model. The recording pass set up cuDNN and cuBLAS as a warm-up would, so the kept graphs
-    capture at their first call. -> (variants, seconds); (0, 0.0) where the model runs no Triton kernels."""
-    cache = graphs(model)
-    key = (tuple(x.shape), x.dtype, tuple(text.shape), guide is not None)
-    if key in cache.compiled or getattr(model, "_fast_settings", (None,) * 3)[1] != "triton" or not x.is_cuda:
-        return 0, 0.0
-    from fast.precompile import precompile
-    t = torch.tensor(999, device=x.device)
-    cfg = cache.cfg_step()
-    calls = [(cfg.fn, (x, t, text))] + ([(guide._pass, (x, t, text[1:]))] if guide is not None else [])
-    cache.compiled.add(key)
-    n, seconds, ran = precompile(calls)
-    if ran:
-        cfg.mark_warm(x, t, text)
-        if guide is not None and isinstance(guide.run_pass, Graphed):
-            guide.run_pass.mark_warm(x, t, text[1:])
-    return n, seconds
 
 
 def prepare():

@@ -13,12 +13,12 @@ kernels). A replayed graph issues everything at once.
 How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on a
 side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the second
 captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the buffers,
-replays, and returns clones of the static outputs. Where `fn` already ran eagerly with that signature
-(`fast.compile_kernels`' recording pass; `mark_warm`), the first call captures at once. One side stream serves all
-of a Graphed's warm-ups (and all of a GraphCache's): cuBLAS keeps a workspace per stream it has run on, so a new
-stream per warm-up would leave one more workspace allocated each time. Cloning at once is what makes one memory pool
-safe to share between graphs (the CFG step's and the guidance pass's) that replay interleaved: whatever one graph
-leaves in the pool is dead before the other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
+replays, and returns clones of the static outputs. A `GraphCache`'s warm-ups compile their Triton kernels first, in
+parallel (precompile.py's `run_compiled`). One side stream serves all of a Graphed's warm-ups (and all of a
+GraphCache's): cuBLAS keeps a workspace per stream it has run on, so a new stream per warm-up would leave one more
+workspace allocated each time. Cloning at once is what makes one memory pool safe to share between graphs (the CFG
+step's and the guidance pass's) that replay interleaved: whatever one graph leaves in the pool is dead before the
+other runs. Without CUDA, or with `enabled=False`, `fn` runs directly.
 
 `GraphCache` keeps one model's graphs across `generate` calls (a notebook's second video of the same shape replays
 at once): the CFG step's per input signature, and the guidance pass of the latest guidance set-up, captured again
@@ -56,21 +56,18 @@ class Graphed:
     """fn(*tensors) -> tensor or tuple of tensors, replayed from a CUDA graph per input signature.
 
     enabled: False runs fn directly (the reference path). pool: `graph_pool()` to share with other graphs.
+    first: callable(fn, args) -> fn's result, run for the eager warm-up instead of fn(*args).
     `stats` counts 'eager', 'captured' and 'replayed' calls.
     """
 
-    def __init__(self, fn, enabled=True, pool=None, stream=None):
-        self.fn, self.enabled, self.pool, self.stream = fn, enabled, pool, stream
+    def __init__(self, fn, enabled=True, pool=None, stream=None, first=None):
+        self.fn, self.enabled, self.pool, self.stream, self.first = fn, enabled, pool, stream, first
         self.graphs, self.warm = {}, set()
         self.stats = {"eager": 0, "captured": 0, "replayed": 0}
 
     @staticmethod
     def signature(args):
         return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-
-    def mark_warm(self, *args):
-        """fn has run eagerly on inputs like `args` (cuBLAS, cuDNN and the kernels set up): capture at the first call."""
-        self.warm.add(self.signature(args))
 
     def __call__(self, *args):
         if not (self.enabled and all(a.is_cuda for a in args)):
@@ -98,7 +95,7 @@ class Graphed:
         side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.fn(*args)
+            out = self.fn(*args) if self.first is None else self.first(self.fn, args)
         torch.cuda.current_stream().wait_stream(side)
         return out
 
@@ -126,13 +123,14 @@ class GraphCache:
         self.unet, self.pool = unet, graph_pool()
         self.stream = torch.cuda.Stream() if self.pool is not None else None  # the warm-ups' side stream
         self.cfg, self.guide, self.guidance = None, None, None
-        self.compiled = set()  # input signatures whose kernels fast.compile_kernels has compiled
+        self.compiled = {"variants": 0, "seconds": 0.0}  # Triton kernels compiled by the warm-ups (first_call)
 
     def cfg_step(self):
         """The CFG step's UNet call (x (1, 4, f, h, w), t, text (2, 77, d)) -> eps (2, 4, f, h, w), as a Graphed."""
         if self.cfg is None:
             unet = self.unet
-            self.cfg = Graphed(torch.no_grad()(lambda x, t, text: unet(x, t, text)), pool=self.pool, stream=self.stream)
+            self.cfg = Graphed(torch.no_grad()(lambda x, t, text: unet(x, t, text)), pool=self.pool, stream=self.stream,
+                               first=self.first_call)
         return self.cfg
 
     def guidance_pass(self, guide):
@@ -142,9 +140,20 @@ class GraphCache:
             if self.guidance is not None:
                 self.guidance.reset()
                 self.guide.run_pass = self.guide._pass
-            self.guide, self.guidance = guide, graph_guidance(guide, self.pool, self.stream)
+            self.guide, self.guidance = guide, graph_guidance(guide, self.pool, self.stream, self.first_call)
         guide.run_pass = self.guidance
         return self.guidance
+
+    def first_call(self, fn, args):
+        """A graph's eager warm-up: where the model runs Triton kernels, those `fn` launches are compiled first,
+        in parallel threads (precompile.run_compiled: no second run where all were compiled). -> fn(*args)"""
+        if getattr(self.unet, "_fast_settings", (None,) * 3)[1] != "triton":
+            return fn(*args)
+        from fast.precompile import run_compiled
+        out, n, seconds = run_compiled(fn, args)
+        self.compiled["variants"] += n
+        self.compiled["seconds"] += seconds
+        return out
 
     def release(self):
         for graphed in (self.cfg, self.guidance):
@@ -155,10 +164,10 @@ class GraphCache:
         self.cfg, self.guide, self.guidance = None, None, None
 
 
-def graph_guidance(guide, pool=None, stream=None):
+def graph_guidance(guide, pool=None, stream=None, first=None):
     """Replay a LatentGuidance's pass from a CUDA graph (a Graphed; eager where its inputs are not on CUDA): it
     becomes `guide.run_pass`. -> the Graphed, whose `reset()` frees the graph."""
-    graphed = Graphed(guide._pass, pool=pool, stream=stream)
+    graphed = Graphed(guide._pass, pool=pool, stream=stream, first=first)
     guide.run_pass = graphed
     return graphed
 

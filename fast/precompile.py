@@ -1,4 +1,4 @@
-"""Compile the fast layer's Triton kernels in parallel before the first call of a run.
+"""Compile the fast layer's Triton kernels in parallel at the first call of a run.
 
 What to read: fast/kernels.py (the kernels); results/perf-notes.md (the first-run times).
 
@@ -6,13 +6,15 @@ Why: with an empty kernel cache, the first 256×256×16 run compiled about 90 ke
 launch waits for its own compilation): 28 s of a 37 s run on an H100 (2026-12-06). Most of a compilation is in
 subprocesses (ptxas, the C build of the launcher) and in LLVM, which threads can overlap.
 
-How (`precompile`): each given call runs once with Triton's `jit_cache_hook` set, so every kernel variant this
-process has not compiled yet is recorded (its specialisation) instead of compiled and launched: that pass computes
-nothing useful (the kernels' outputs stay unwritten) and its result is dropped. Its other work is real: the first
-calls of cuDNN, cuBLAS and flash attention set themselves up, which is what a CUDA graph's eager warm-up is for
-(so `fast.compile_kernels` lets the graphs capture at their first call). The recorded variants are then
-compiled, or read from the disk cache, by `JITFunction.preload` in a pool of threads, then loaded onto the GPU. The
-real calls that follow find them compiled.
+How (`run_compiled`, a CUDA graph's eager first call in `GraphCache`): the call runs once with Triton's
+`jit_cache_hook` set, so every kernel variant this process has not compiled yet is recorded (its specialisation)
+instead of compiled and launched. Where it recorded none (the kernels were compiled by an earlier call), that run
+was the real one and its result is returned: nothing is done twice. Else its result is dropped (the skipped
+kernels' outputs stay unwritten), the recorded variants are compiled, or read from the disk cache, by
+`JITFunction.preload` in a pool of threads and loaded onto the GPU, and the call runs again, finding them compiled.
+(Until 4438674, `fast.compile_kernels` recorded the CFG step and the guidance pass together before the first step
+and dropped both results, also where nothing was recorded: one pass and one step more per video whose graphs were
+new; `results/perf-notes.md`, 2026-12-06 evening.)
 
 The compilations overlap; loading a kernel and building its launcher (`_init_handles`) happen one at a time (a
 lock), while the other threads go on compiling. Triton loads each launcher as a C extension module, all of one name
@@ -24,8 +26,8 @@ and refreshes its `launch`, so two threads doing this at once can hand a kernel 
 this Triton lacks the hook or `preload`, or anything in it fails, nothing is lost: the kernels compile at their
 first launch, as without it.
 
-Official implementation: none. Same results: it only fills the caches the first launch would fill (the graph and
-kernel tests run after it in `lvd.generate`).
+Official implementation: none. Same results: it only fills the caches the first launch would fill
+(tests/test_graphs.py).
 """
 import logging
 import os
@@ -38,17 +40,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def precompile(calls, workers=None):
-    """calls: [(fn, args)], each run once with its kernel launches recorded (result dropped). Compiles the recorded
-    variants in `workers` threads (default: the CPU count). -> (variants, seconds, whether the calls ran)."""
+def run_compiled(fn, args, workers=None):
+    """fn(*args) with the Triton kernel variants it launches compiled first, in parallel. A first run records
+    (and skips) each launch of a variant this process has not compiled yet; where it recorded none, its result is
+    real and returned. Else the recorded variants are compiled in `workers` threads (default: the CPU count) and
+    fn runs again. -> (fn's result, variants compiled, seconds spent on them)."""
     try:
         import triton
         from triton.runtime.jit import JITFunction
         hook_owner = triton.knobs.runtime
     except (ImportError, AttributeError):
-        return 0, 0.0, False
+        return fn(*args), 0, 0.0
     if not hasattr(JITFunction, "preload") or not hasattr(hook_owner, "jit_cache_hook"):
-        return 0, 0.0, False
+        return fn(*args), 0, 0.0
     t0, seen = time.perf_counter(), {}
 
     def record(*, key, fn, compile, **_):
@@ -57,20 +61,31 @@ def precompile(calls, workers=None):
 
     old, hook_owner.jit_cache_hook = hook_owner.jit_cache_hook, record
     try:
-        for fn, args in calls:
-            fn(*args)
-    except Exception as e:  # noqa: BLE001 (a pass that cannot run recorded: compile at first launch instead)
-        log.warning("precompile: the recording pass failed (%s: %s); kernels compile at first launch",
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 (a call that cannot run recorded: compile at first launch instead)
+        log.warning("precompile: the recording run failed (%s: %s); kernels compile at first launch",
                     type(e).__name__, e)
-        return 0, time.perf_counter() - t0, False
+        seen, out = None, None
     finally:
         hook_owner.jit_cache_hook = old
-    device = torch.cuda.current_device()
+    if seen == {}:
+        return out, 0, 0.0  # every launch ran: the result is real
+    del out  # computed with launches skipped
+    n = _build(seen.values(), workers) if seen else 0
+    seconds = time.perf_counter() - t0
+    return fn(*args), n, seconds
 
+
+def _build(items, workers=None):
+    """Compile (or read from the disk cache) and load each recorded (JITFunction, specialisation) in threads.
+    -> how many were given."""
+    items = list(items)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
     one_at_a_time = threading.Lock()
 
     def build(item):
-        torch.cuda.set_device(device)
+        if device is not None:
+            torch.cuda.set_device(device)  # each thread's current device is its own
         kernel = item[0].preload(item[1])  # compiled, or read from the disk cache
         init = getattr(kernel, "_init_handles", None)  # load onto the GPU, build and load the launcher
         if init is not None:
@@ -79,7 +94,7 @@ def precompile(calls, workers=None):
 
     try:
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            list(pool.map(build, seen.values()))
+            list(pool.map(build, items))
     except Exception as e:  # noqa: BLE001 (the rest compile at their first launch)
         log.warning("precompile: %s: %s; the remaining kernels compile at first launch", type(e).__name__, e)
-    return len(seen), time.perf_counter() - t0, True
+    return len(items)

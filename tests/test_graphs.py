@@ -5,6 +5,9 @@ none and skips them (they are not counted as run there); they run on the device 
 (README: the GPU test command). The CPU tests check the fallback and
 that nothing in the guidance pass needs a host value (the condition for capturing it).
 """
+import sys
+import types
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,13 +72,66 @@ def test_kept_graphs_serve_only_a_pass_with_the_same_constants():
         assert new is not kept and other.run_pass is new
         kept = new
     assert a.run_pass == a._pass  # a replaced guide runs eagerly again
-    assert fast.compile_kernels(unet, x, torch.cat([cond, cond]), a) == (0, 0.0)  # no Triton kernels to compile
+    assert cache.first_call(lambda v: v + 1, (x,)).equal(x + 1)  # no Triton kernels: the warm-up is fn itself
+    assert cache.compiled == {"variants": 0, "seconds": 0.0}
     fast.apply(unet, kernels=None)  # the same settings: kept
     assert fast.graphs(unet) is cache
     fast.apply(unet, memory="full", kernels=None)  # other settings: dropped
     assert fast.graphs(unet) is not cache and other.run_pass == other._pass
     fast.remove(unet)
     assert "_graphs" not in unet.__dict__ and "_fast_settings" not in unet.__dict__
+
+
+class FakeKernel:
+    """A JITFunction as precompile sees it: a launch of a variant not yet compiled asks Triton's jit_cache_hook,
+    which may skip it (no compilation, no launch); `preload` compiles a variant."""
+
+    def __init__(self, runtime):
+        self.runtime, self.compiled, self.preloaded = runtime, set(), []
+
+    def preload(self, spec):
+        self.preloaded.append(spec)
+        self.compiled.add(spec)
+        return types.SimpleNamespace(_init_handles=lambda: None)
+
+    def launch(self, spec):
+        """-> whether the kernel ran"""
+        hook = self.runtime.jit_cache_hook
+        if spec not in self.compiled and hook is not None and \
+                hook(key=spec, fn=types.SimpleNamespace(jit_function=self), compile={"specialization_data": spec}):
+            return False
+        self.compiled.add(spec)
+        return True
+
+
+def test_run_compiled_runs_again_only_after_compiling_what_it_recorded(monkeypatch):
+    """The warm-up protocol (precompile.run_compiled) on a fake Triton: uncompiled variants are recorded and
+    skipped, compiled in threads, and the call runs again; with all compiled, one run and its result; a call that
+    fails while recording runs again plainly; the hook is put back each time."""
+    from fast.precompile import run_compiled
+    runtime = types.SimpleNamespace(jit_cache_hook=None)
+    jit = types.ModuleType("triton.runtime.jit")
+    jit.JITFunction = FakeKernel
+    triton = types.ModuleType("triton")
+    triton.knobs, triton.runtime = types.SimpleNamespace(runtime=runtime), types.ModuleType("triton.runtime")
+    triton.runtime.jit = jit
+    for name, module in (("triton", triton), ("triton.runtime", triton.runtime), ("triton.runtime.jit", jit)):
+        monkeypatch.setitem(sys.modules, name, module)
+    kernel, runs = FakeKernel(runtime), []
+
+    def fn(a):
+        ran = [kernel.launch(spec) for spec in ("v1", "v2", "v1")]
+        runs.append(all(ran))
+        return a * 2 if all(ran) else None  # None: what skipped launches leave
+    assert run_compiled(fn, (3,), workers=2)[:2] == (6, 2)
+    assert runs == [False, True] and sorted(kernel.preloaded) == ["v1", "v2"] and runtime.jit_cache_hook is None
+    assert run_compiled(fn, (4,)) == (8, 0, 0.0) and runs == [False, True, True]
+
+    def fails_recorded(a):
+        if runtime.jit_cache_hook is not None:
+            raise RuntimeError("a host read of an unwritten output")
+        return a + 1
+    assert run_compiled(fails_recorded, (1,))[:2] == (2, 0) and runtime.jit_cache_hook is None
 
 
 class HostTraffic(TorchDispatchMode):
@@ -181,7 +237,8 @@ def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
 def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     """generate keeps the fast layer's graphs on the UNet: a second video of the same shape and layout captures
     nothing (no eager warm-up either) and gives the first one's latents; another layout captures its pass anew.
-    The first video's graphs capture at their first call: compile_kernels' recording pass was their warm-up."""
+    The first video's graphs warm up at their first call (compiling their Triton kernels first) and capture at the
+    second."""
     pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
     layout = planner.plan("A bear walks from the left to the right")
     params = A.GuidanceParams(loss_threshold=-1.0)  # 4 steps × 5 passes
@@ -193,27 +250,29 @@ def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     first = video(layout)
     cache = fast.graphs(pipe.unet)
     cfg, guidance = cache.cfg, cache.guidance
-    assert cfg.stats == {"eager": 0, "captured": 1, "replayed": 4}
+    assert cfg.stats == {"eager": 1, "captured": 1, "replayed": 3}
     assert cfg.stream is cache.stream and guidance.stream is cache.stream  # one side stream: one cuBLAS workspace
-    assert guidance.stats == {"eager": 0, "captured": 1, "replayed": 20}
+    assert guidance.stats == {"eager": 1, "captured": 1, "replayed": 19}
     second = video(layout)
-    assert cache.cfg is cfg and cfg.stats == {"eager": 0, "captured": 1, "replayed": 8}
-    assert cache.guidance is guidance and guidance.stats == {"eager": 0, "captured": 1, "replayed": 40}
+    assert cache.cfg is cfg and cfg.stats == {"eager": 1, "captured": 1, "replayed": 7}
+    assert cache.guidance is guidance and guidance.stats == {"eager": 1, "captured": 1, "replayed": 39}
     assert rel(second, first) <= 1e-5, rel(second, first)  # atomics in some backward kernels: fp32 rounding
     other = planner.plan("A realistic lively video of a scene with a car moving from the left to the right")
     video(other)
-    assert cache.cfg is cfg and cfg.stats["replayed"] == 12 and cache.guidance is not guidance
+    assert cache.cfg is cfg and cfg.stats["replayed"] == 11 and cache.guidance is not guidance
     assert cache.guidance.stats == {"eager": 1, "captured": 1, "replayed": 19} and cache.guidance.stream is cache.stream
     fast.release_graphs(pipe.unet)
     assert "_graphs" not in pipe.unet.__dict__
 
 
 @cuda
-def test_compile_kernels_leaves_nothing_to_compile_at_the_first_call():
-    """fast.compile_kernels records the CFG step's and the guidance pass's kernel variants without running them and
-    compiles them in threads: the real calls after it compile nothing and give what they give without it."""
+def test_run_compiled_compiles_the_kernels_then_runs_once_where_they_are():
+    """precompile.run_compiled (a GraphCache graph's warm-up) on the CFG step and the guidance pass: with none of
+    the kernels compiled in this process, it records their variants without running them, compiles them in
+    threads and runs again; then it records nothing and runs once. The result is what first launches give."""
     import triton
     from fast import kernels, kernels_attention, kernels_rows
+    from fast.precompile import run_compiled
     jitted = [f for mod in (kernels, kernels_rows, kernels_attention) for f in vars(mod).values()
               if isinstance(f, triton.runtime.jit.JITFunction)]
     x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
@@ -222,24 +281,21 @@ def test_compile_kernels_leaves_nothing_to_compile_at_the_first_call():
 
     def run(unet, guide):
         with torch.no_grad():
-            return unet(x, t, text), guide.loss_and_grad(x, t)[1]
+            y = unet(x, t, text)
+        return y, guide._pass(x, t, text[1:])[1]
     for f in jitted:
         f.device_caches.clear()  # this process has compiled none of them (the disk cache may hold them)
     unet = fast.apply(_unet("cuda"), kernels="triton")
-    guide = _guide(unet, text[1:], False)
-    n, _ = fast.compile_kernels(unet, x, text, guide)
-    assert n >= 8, n  # GroupNorm, LayerNorm, GEGLU, frame attention ... forward and backward
-    compiled = []
-    old, triton.knobs.runtime.jit_post_compile_hook = (triton.knobs.runtime.jit_post_compile_hook,
-                                                      lambda **kw: compiled.append(kw["repr"]))
-    try:
-        y, g = run(unet, guide)
-    finally:
-        triton.knobs.runtime.jit_post_compile_hook = old
-    assert compiled == []
-    assert fast.compile_kernels(unet, x, text, guide) == (0, 0.0)  # once per shape
+    guide, runs = _guide(unet, text[1:], False), []
+    (y, g), n, _ = run_compiled(lambda: runs.append(1) or run(unet, guide), ())
+    assert n >= 8 and len(runs) == 2, (n, runs)  # GroupNorm, LayerNorm, GEGLU, frame attention ... fwd and bwd
+    (y1, g1), n1, seconds = run_compiled(lambda: runs.append(1) or run(unet, guide), ())
+    assert (n1, seconds, len(runs)) == (0, 0.0, 3)  # nothing left to compile: one run, its result kept
     for f in jitted:
         f.device_caches.clear()
     other = fast.apply(_unet("cuda"), kernels="triton")  # the same weights, compiled at first launch
     y0, g0 = run(other, _guide(other, text[1:], False))
-    assert rel(y, y0) <= 1e-6 and rel(g, g0) <= 1e-5, (rel(y, y0), rel(g, g0))  # atomics in some backward kernels
+    for a, b in ((y, y0), (y1, y0)):
+        assert rel(a, b) <= 1e-6, rel(a, b)
+    for a, b in ((g, g0), (g1, g0)):
+        assert rel(a, b) <= 1e-5, rel(a, b)  # atomics in some backward kernels
