@@ -13,8 +13,9 @@ kernels). A replayed graph issues everything at once.
 How (`Graphed`): the first call with a new signature (shapes, dtypes, devices of the inputs) runs `fn` eagerly on a
 side stream (a warm-up whose result is returned; cuBLAS/cuDNN set themselves up outside any capture); the second
 captures `fn` into a graph over static input buffers; from then on a call copies its inputs into the buffers,
-replays, and returns clones of the static outputs. A `GraphCache`'s warm-ups compile their Triton kernels first, in
-parallel (precompile.py's `run_compiled`). One side stream serves all of a Graphed's warm-ups (and all of a
+replays, and returns clones of the static outputs. A `GraphCache`'s warm-ups compile their Triton kernels in
+parallel (precompile.py's `first_run`); a warm-up that had kernels to compile drops its result, and the graph
+captures at once (that call then replays). One side stream serves all of a Graphed's warm-ups (and all of a
 GraphCache's): cuBLAS keeps a workspace per stream it has run on, so a new stream per warm-up would leave one more
 workspace allocated each time. Cloning at once is what makes one memory pool safe to share between graphs (the CFG
 step's and the guidance pass's) that replay interleaved: whatever one graph leaves in the pool is dead before the
@@ -56,14 +57,16 @@ class Graphed:
     """fn(*tensors) -> tensor or tuple of tensors, replayed from a CUDA graph per input signature.
 
     enabled: False runs fn directly (the reference path). pool: `graph_pool()` to share with other graphs.
-    first: callable(fn, args) -> fn's result, run for the eager warm-up instead of fn(*args).
-    `stats` counts 'eager', 'captured' and 'replayed' calls.
+    first: callable(fn, args) -> (fn's result, whether it is real), run for the eager warm-up instead of fn(*args);
+    where the result is not real (the warm-up compiled kernels), the call captures and replays at once.
+    `stats` counts 'eager' calls (warm-ups whose result is returned), 'recorded' (warm-ups whose result was
+    dropped), 'captured' and 'replayed'.
     """
 
     def __init__(self, fn, enabled=True, pool=None, stream=None, first=None):
         self.fn, self.enabled, self.pool, self.stream, self.first = fn, enabled, pool, stream, first
         self.graphs, self.warm = {}, set()
-        self.stats = {"eager": 0, "captured": 0, "replayed": 0}
+        self.stats = {"eager": 0, "recorded": 0, "captured": 0, "replayed": 0}
 
     @staticmethod
     def signature(args):
@@ -76,8 +79,11 @@ class Graphed:
         key = self.signature(args)
         if key not in self.warm:
             self.warm.add(key)
-            self.stats["eager"] += 1
-            return self._side_stream(args)
+            out, real = self._side_stream(args)
+            if real:
+                self.stats["eager"] += 1
+                return out
+            self.stats["recorded"] += 1  # its result dropped, its set-up done: capture now
         if key not in self.graphs:
             self.graphs[key] = self._capture(args)
             self.stats["captured"] += 1
@@ -95,7 +101,7 @@ class Graphed:
         side = self.stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.fn(*args) if self.first is None else self.first(self.fn, args)
+            out = (self.fn(*args), True) if self.first is None else self.first(self.fn, args)
         torch.cuda.current_stream().wait_stream(side)
         return out
 
@@ -145,15 +151,16 @@ class GraphCache:
         return self.guidance
 
     def first_call(self, fn, args):
-        """A graph's eager warm-up: where the model runs Triton kernels, those `fn` launches are compiled first,
-        in parallel threads (precompile.run_compiled: no second run where all were compiled). -> fn(*args)"""
+        """A graph's eager warm-up: where the model runs Triton kernels, the variants `fn` launches that this
+        process lacks are compiled in parallel threads (precompile.first_run). -> (fn(*args) or None, whether the
+        result is real: not where kernels were compiled)."""
         if getattr(self.unet, "_fast_settings", (None,) * 3)[1] != "triton":
-            return fn(*args)
-        from fast.precompile import run_compiled
-        out, n, seconds = run_compiled(fn, args)
+            return fn(*args), True
+        from fast.precompile import first_run
+        out, real, n, seconds = first_run(fn, args)
         self.compiled["variants"] += n
         self.compiled["seconds"] += seconds
-        return out
+        return out, real
 
     def release(self):
         for graphed in (self.cfg, self.guidance):

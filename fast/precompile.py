@@ -6,12 +6,14 @@ Why: with an empty kernel cache, the first 256×256×16 run compiled about 90 ke
 launch waits for its own compilation): 28 s of a 37 s run on an H100 (2026-12-06). Most of a compilation is in
 subprocesses (ptxas, the C build of the launcher) and in LLVM, which threads can overlap.
 
-How (`run_compiled`, a CUDA graph's eager first call in `GraphCache`): the call runs once with Triton's
+How (`first_run`, a CUDA graph's eager first call in `GraphCache`): the call runs once with Triton's
 `jit_cache_hook` set, so every kernel variant this process has not compiled yet is recorded (its specialisation)
 instead of compiled and launched. Where it recorded none (the kernels were compiled by an earlier call), that run
 was the real one and its result is returned: nothing is done twice. Else its result is dropped (the skipped
-kernels' outputs stay unwritten), the recorded variants are compiled, or read from the disk cache, by
-`JITFunction.preload` in a pool of threads and loaded onto the GPU, and the call runs again, finding them compiled.
+kernels' outputs stay unwritten), and the recorded variants are compiled, or read from the disk cache, by
+`JITFunction.preload` in a pool of threads and loaded onto the GPU. The run's other work was real (the first calls
+of cuDNN and cuBLAS set themselves up), so the graph captures at once, finding the kernels compiled: a call whose
+kernels had to be compiled costs one eager run, as one whose kernels were compiled does.
 (Until 4438674, `fast.compile_kernels` recorded the CFG step and the guidance pass together before the first step
 and dropped both results, also where nothing was recorded: one pass and one step more per video whose graphs were
 new; `results/perf-notes.md`, 2026-12-06 evening.)
@@ -40,19 +42,20 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def run_compiled(fn, args, workers=None):
-    """fn(*args) with the Triton kernel variants it launches compiled first, in parallel. A first run records
-    (and skips) each launch of a variant this process has not compiled yet; where it recorded none, its result is
-    real and returned. Else the recorded variants are compiled in `workers` threads (default: the CPU count) and
-    fn runs again. -> (fn's result, variants compiled, seconds spent on them)."""
+def first_run(fn, args, workers=None):
+    """A first fn(*args) with the Triton kernel variants it launches compiled in parallel. The run records (and
+    skips) each launch of a variant this process has not compiled yet. Where it recorded none, it was a real run.
+    Else its result is dropped, the recorded variants are compiled in `workers` threads (default: the CPU count),
+    and the caller runs fn again, or captures it in a CUDA graph at once: the run has set up cuDNN and cuBLAS as
+    an eager warm-up does. -> (result or None, whether the result is real, variants compiled, seconds on them)."""
     try:
         import triton
         from triton.runtime.jit import JITFunction
         hook_owner = triton.knobs.runtime
     except (ImportError, AttributeError):
-        return fn(*args), 0, 0.0
+        return fn(*args), True, 0, 0.0
     if not hasattr(JITFunction, "preload") or not hasattr(hook_owner, "jit_cache_hook"):
-        return fn(*args), 0, 0.0
+        return fn(*args), True, 0, 0.0
     t0, seen = time.perf_counter(), {}
 
     def record(*, key, fn, compile, **_):
@@ -65,15 +68,16 @@ def run_compiled(fn, args, workers=None):
     except Exception as e:  # noqa: BLE001 (a call that cannot run recorded: compile at first launch instead)
         log.warning("precompile: the recording run failed (%s: %s); kernels compile at first launch",
                     type(e).__name__, e)
-        seen, out = None, None
+        seen = None
     finally:
         hook_owner.jit_cache_hook = old
-    if seen == {}:
-        return out, 0, 0.0  # every launch ran: the result is real
+    if seen is None:
+        return fn(*args), True, 0, time.perf_counter() - t0
+    if not seen:
+        return out, True, 0, 0.0  # every launch ran
     del out  # computed with launches skipped
-    n = _build(seen.values(), workers) if seen else 0
-    seconds = time.perf_counter() - t0
-    return fn(*args), n, seconds
+    n = _build(seen.values(), workers)
+    return None, False, n, time.perf_counter() - t0
 
 
 def _build(items, workers=None):

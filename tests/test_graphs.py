@@ -49,7 +49,7 @@ def test_without_cuda_the_function_runs_directly():
     calls = []
     g = fast.Graphed(lambda a, b: calls.append(1) or a + b)
     assert torch.equal(g(torch.ones(2), torch.ones(2)), torch.full((2,), 2.0))
-    assert g.stats == {"eager": 1, "captured": 0, "replayed": 0} and calls == [1]
+    assert g.stats == {"eager": 1, "recorded": 0, "captured": 0, "replayed": 0} and calls == [1]
 
 
 def test_kept_graphs_serve_only_a_pass_with_the_same_constants():
@@ -72,7 +72,8 @@ def test_kept_graphs_serve_only_a_pass_with_the_same_constants():
         assert new is not kept and other.run_pass is new
         kept = new
     assert a.run_pass == a._pass  # a replaced guide runs eagerly again
-    assert cache.first_call(lambda v: v + 1, (x,)).equal(x + 1)  # no Triton kernels: the warm-up is fn itself
+    out, real = cache.first_call(lambda v: v + 1, (x,))  # no Triton kernels: the warm-up is fn itself
+    assert real and out.equal(x + 1)
     assert cache.compiled == {"variants": 0, "seconds": 0.0}
     fast.apply(unet, kernels=None)  # the same settings: kept
     assert fast.graphs(unet) is cache
@@ -104,11 +105,11 @@ class FakeKernel:
         return True
 
 
-def test_run_compiled_runs_again_only_after_compiling_what_it_recorded(monkeypatch):
-    """The warm-up protocol (precompile.run_compiled) on a fake Triton: uncompiled variants are recorded and
-    skipped, compiled in threads, and the call runs again; with all compiled, one run and its result; a call that
+def test_first_run_keeps_its_result_only_where_nothing_was_left_to_compile(monkeypatch):
+    """The warm-up protocol (precompile.first_run) on a fake Triton: uncompiled variants are recorded and skipped,
+    then compiled in threads, and the result is dropped; with all compiled, one run and its result; a call that
     fails while recording runs again plainly; the hook is put back each time."""
-    from fast.precompile import run_compiled
+    from fast.precompile import first_run
     runtime = types.SimpleNamespace(jit_cache_hook=None)
     jit = types.ModuleType("triton.runtime.jit")
     jit.JITFunction = FakeKernel
@@ -117,21 +118,22 @@ def test_run_compiled_runs_again_only_after_compiling_what_it_recorded(monkeypat
     triton.runtime.jit = jit
     for name, module in (("triton", triton), ("triton.runtime", triton.runtime), ("triton.runtime.jit", jit)):
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA initialisation beside a fake Triton
     kernel, runs = FakeKernel(runtime), []
 
     def fn(a):
         ran = [kernel.launch(spec) for spec in ("v1", "v2", "v1")]
         runs.append(all(ran))
-        return a * 2 if all(ran) else None  # None: what skipped launches leave
-    assert run_compiled(fn, (3,), workers=2)[:2] == (6, 2)
-    assert runs == [False, True] and sorted(kernel.preloaded) == ["v1", "v2"] and runtime.jit_cache_hook is None
-    assert run_compiled(fn, (4,)) == (8, 0, 0.0) and runs == [False, True, True]
+        return a * 2 if all(ran) else "unwritten"  # what skipped launches leave
+    assert first_run(fn, (3,), workers=2)[:3] == (None, False, 2)
+    assert runs == [False] and sorted(kernel.preloaded) == ["v1", "v2"] and runtime.jit_cache_hook is None
+    assert first_run(fn, (4,)) == (8, True, 0, 0.0) and runs == [False, True]
 
     def fails_recorded(a):
         if runtime.jit_cache_hook is not None:
             raise RuntimeError("a host read of an unwritten output")
         return a + 1
-    assert run_compiled(fails_recorded, (1,))[:2] == (2, 0) and runtime.jit_cache_hook is None
+    assert first_run(fails_recorded, (1,))[:3] == (2, True, 0) and runtime.jit_cache_hook is None
 
 
 class HostTraffic(TorchDispatchMode):
@@ -211,7 +213,7 @@ def test_graphed_guidance_pass_equals_the_eager_pass(mode):
         for p in A.GUIDED_LAYERS:
             assert rel(graphed.last_maps[p], eager.last_maps[p]) <= max(10 * rel(again.last_maps[p], eager.last_maps[p]),
                                                                      1e-5), (k, p)
-    assert graphed.run_pass.stats == {"eager": 1, "captured": 1, "replayed": 3}
+    assert graphed.run_pass.stats == {"eager": 1, "recorded": 0, "captured": 1, "replayed": 3}
 
 
 @cuda
@@ -237,8 +239,18 @@ def test_graphed_video_equals_the_eager_video(tiny_model_dir, mode):
 def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     """generate keeps the fast layer's graphs on the UNet: a second video of the same shape and layout captures
     nothing (no eager warm-up either) and gives the first one's latents; another layout captures its pass anew.
-    The first video's graphs warm up at their first call (compiling their Triton kernels first) and capture at the
-    second."""
+    A graph's first call is its warm-up: where it compiled Triton kernels its result is dropped and the graph
+    captures at once ('recorded'), else it is an eager call and the graph captures at its second."""
+    import triton
+    from fast import kernels, kernels_attention, kernels_rows
+    for mod in (kernels, kernels_rows, kernels_attention):  # none compiled in this process: the first pass records
+        for f in vars(mod).values():
+            if isinstance(f, triton.runtime.jit.JITFunction):
+                f.device_caches.clear()
+
+    def warmed_once(stats, calls):
+        r = stats["recorded"]
+        return stats == {"eager": 1 - r, "recorded": r, "captured": 1, "replayed": calls - 1 + r}
     pipe = lvd.load_pipeline(tiny_model_dir, "cuda", torch.float32)
     layout = planner.plan("A bear walks from the left to the right")
     params = A.GuidanceParams(loss_threshold=-1.0)  # 4 steps × 5 passes
@@ -250,52 +262,62 @@ def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     first = video(layout)
     cache = fast.graphs(pipe.unet)
     cfg, guidance = cache.cfg, cache.guidance
-    assert cfg.stats == {"eager": 1, "captured": 1, "replayed": 3}
+    assert warmed_once(cfg.stats, 4), cfg.stats  # recorded where its kernels were not all the guidance pass's
     assert cfg.stream is cache.stream and guidance.stream is cache.stream  # one side stream: one cuBLAS workspace
-    assert guidance.stats == {"eager": 1, "captured": 1, "replayed": 19}
+    assert guidance.stats == {"eager": 0, "recorded": 1, "captured": 1, "replayed": 20}
+    assert cache.compiled["variants"] >= 8
+    r = cfg.stats["recorded"]
     second = video(layout)
-    assert cache.cfg is cfg and cfg.stats == {"eager": 1, "captured": 1, "replayed": 7}
-    assert cache.guidance is guidance and guidance.stats == {"eager": 1, "captured": 1, "replayed": 39}
+    assert cache.cfg is cfg and warmed_once(cfg.stats, 8) and cfg.stats["recorded"] == r
+    assert cache.guidance is guidance and guidance.stats == {"eager": 0, "recorded": 1, "captured": 1, "replayed": 40}
     assert rel(second, first) <= 1e-5, rel(second, first)  # atomics in some backward kernels: fp32 rounding
     other = planner.plan("A realistic lively video of a scene with a car moving from the left to the right")
     video(other)
-    assert cache.cfg is cfg and cfg.stats["replayed"] == 11 and cache.guidance is not guidance
-    assert cache.guidance.stats == {"eager": 1, "captured": 1, "replayed": 19} and cache.guidance.stream is cache.stream
+    assert cache.cfg is cfg and warmed_once(cfg.stats, 12) and cache.guidance is not guidance
+    assert cache.guidance.stats == {"eager": 1, "recorded": 0, "captured": 1, "replayed": 19}  # kernels compiled
+    assert cache.guidance.stream is cache.stream
     fast.release_graphs(pipe.unet)
     assert "_graphs" not in pipe.unet.__dict__
 
 
 @cuda
-def test_run_compiled_compiles_the_kernels_then_runs_once_where_they_are():
-    """precompile.run_compiled (a GraphCache graph's warm-up) on the CFG step and the guidance pass: with none of
+def test_first_run_compiles_the_kernels_then_runs_once_where_they_are():
+    """precompile.first_run (a GraphCache graph's warm-up) on the CFG step and the guidance pass: with none of
     the kernels compiled in this process, it records their variants without running them, compiles them in
-    threads and runs again; then it records nothing and runs once. The result is what first launches give."""
+    threads and drops the result; then it records nothing and its one run is real. A Graphed whose warm-up
+    dropped its result captures at once. All results are what first launches give."""
     import triton
     from fast import kernels, kernels_attention, kernels_rows
-    from fast.precompile import run_compiled
+    from fast.precompile import first_run
     jitted = [f for mod in (kernels, kernels_rows, kernels_attention) for f in vars(mod).values()
               if isinstance(f, triton.runtime.jit.JITFunction)]
     x = torch.randn(1, 4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     text = torch.randn(2, 77, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     t = torch.tensor(500, device="cuda")
 
-    def run(unet, guide):
+    def run(unet, guide, x):
         with torch.no_grad():
             y = unet(x, t, text)
         return y, guide._pass(x, t, text[1:])[1]
-    for f in jitted:
-        f.device_caches.clear()  # this process has compiled none of them (the disk cache may hold them)
+
+    def forget_kernels():  # this process has compiled none of them (the disk cache may hold them)
+        for f in jitted:
+            f.device_caches.clear()
+    forget_kernels()
     unet = fast.apply(_unet("cuda"), kernels="triton")
     guide, runs = _guide(unet, text[1:], False), []
-    (y, g), n, _ = run_compiled(lambda: runs.append(1) or run(unet, guide), ())
-    assert n >= 8 and len(runs) == 2, (n, runs)  # GroupNorm, LayerNorm, GEGLU, frame attention ... fwd and bwd
-    (y1, g1), n1, seconds = run_compiled(lambda: runs.append(1) or run(unet, guide), ())
-    assert (n1, seconds, len(runs)) == (0, 0.0, 3)  # nothing left to compile: one run, its result kept
-    for f in jitted:
-        f.device_caches.clear()
+    out, real, n, _ = first_run(lambda x: runs.append(1) or run(unet, guide, x), (x,))
+    assert out is None and not real and n >= 8 and len(runs) == 1, (n, runs)  # GroupNorm, LayerNorm, GEGLU, ...
+    (y1, g1), real, n1, seconds = first_run(lambda x: runs.append(1) or run(unet, guide, x), (x,))
+    assert (real, n1, seconds, len(runs)) == (True, 0, 0.0, 2)  # nothing left to compile: one run, its result kept
+    forget_kernels()
+    graphed = fast.Graphed(lambda x: run(unet, guide, x), first=lambda fn, args: first_run(fn, args)[:2])
+    y2, g2 = graphed(x)
+    assert graphed.stats == {"eager": 0, "recorded": 1, "captured": 1, "replayed": 1}
+    forget_kernels()
     other = fast.apply(_unet("cuda"), kernels="triton")  # the same weights, compiled at first launch
-    y0, g0 = run(other, _guide(other, text[1:], False))
-    for a, b in ((y, y0), (y1, y0)):
+    y0, g0 = run(other, _guide(other, text[1:], False), x)
+    for a, b in ((y1, y0), (y2, y0)):
         assert rel(a, b) <= 1e-6, rel(a, b)
-    for a, b in ((g, g0), (g1, g0)):
+    for a, b in ((g1, g0), (g2, g0)):
         assert rel(a, b) <= 1e-5, rel(a, b)  # atomics in some backward kernels
