@@ -14,7 +14,7 @@ kernels' outputs stay unwritten), and the recorded variants are compiled, or rea
 `JITFunction.preload` in a pool of threads and loaded onto the GPU. The run's other work was real (the first calls
 of cuDNN and cuBLAS set themselves up), so the graph captures at once, finding the kernels compiled: a call whose
 kernels had to be compiled costs one eager run, as one whose kernels were compiled does.
-(Until 4438674, `fast.compile_kernels` recorded the CFG step and the guidance pass together before the first step
+(Until b26a330, `fast.compile_kernels` recorded the CFG step and the guidance pass together before the first step
 and dropped both results, also where nothing was recorded: one pass and one step more per video whose graphs were
 new; `results/perf-notes.md`, 2026-12-06 evening.)
 
