@@ -132,6 +132,9 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
         stage("fast layer: CUDA graphs and Triton kernels (compiled on a first run, then cached on disk)")
     layer = use_fast_layer(pipe.unet, fast, memory)
     graphs = layer.graphs(pipe.unet) if fast else None  # kept for the next call; one memory pool
+    if fast:  # a graph's first call builds the Triton kernels it lacks (fast/precompile.py)
+        graphs.on_compile = lambda n: stage(f"Triton kernels: {n} variants, compiled in parallel on a machine's "
+                                            "first run, else read from the disk cache")
     before_step, final_prompt = None, prompt
     if layout is not None and guidance is not None:
         import attention  # the guidance machinery, only needed for guided runs

@@ -130,6 +130,7 @@ class GraphCache:
         self.stream = torch.cuda.Stream() if self.pool is not None else None  # the warm-ups' side stream
         self.cfg, self.guide, self.guidance = None, None, None
         self.compiled = {"variants": 0, "seconds": 0.0}  # Triton kernels compiled by the warm-ups (first_call)
+        self.on_compile = None  # callable(n) as a warm-up starts building n kernel variants (generate's progress)
 
     def cfg_step(self):
         """The CFG step's UNet call (x (1, 4, f, h, w), t, text (2, 77, d)) -> eps (2, 4, f, h, w), as a Graphed."""
@@ -157,7 +158,7 @@ class GraphCache:
         if getattr(self.unet, "_fast_settings", (None,) * 3)[1] != "triton":
             return fn(*args), True
         from fast.precompile import first_run
-        out, real, n, seconds = first_run(fn, args)
+        out, real, n, seconds = first_run(fn, args, on_build=self.on_compile)
         self.compiled["variants"] += n
         self.compiled["seconds"] += seconds
         return out, real

@@ -42,12 +42,13 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def first_run(fn, args, workers=None):
+def first_run(fn, args, workers=None, on_build=None):
     """A first fn(*args) with the Triton kernel variants it launches compiled in parallel. The run records (and
     skips) each launch of a variant this process has not compiled yet. Where it recorded none, it was a real run.
     Else its result is dropped, the recorded variants are compiled in `workers` threads (default: the CPU count),
     and the caller runs fn again, or captures it in a CUDA graph at once: the run has set up cuDNN and cuBLAS as
-    an eager warm-up does. -> (result or None, whether the result is real, variants compiled, seconds on them)."""
+    an eager warm-up does. on_build: callable(n), called before n variants are built (progress).
+    -> (result or None, whether the result is real, variants compiled, seconds on them)."""
     try:
         import triton
         from triton.runtime.jit import JITFunction
@@ -76,6 +77,8 @@ def first_run(fn, args, workers=None):
     if not seen:
         return out, True, 0, 0.0  # every launch ran
     del out  # computed with launches skipped
+    if on_build is not None:
+        on_build(len(seen))
     n = _build(seen.values(), workers)
     return None, False, n, time.perf_counter() - t0
 

@@ -125,9 +125,20 @@ def test_first_run_keeps_its_result_only_where_nothing_was_left_to_compile(monke
         ran = [kernel.launch(spec) for spec in ("v1", "v2", "v1")]
         runs.append(all(ran))
         return a * 2 if all(ran) else "unwritten"  # what skipped launches leave
-    assert first_run(fn, (3,), workers=2)[:3] == (None, False, 2)
+    builds = []
+    assert first_run(fn, (3,), workers=2, on_build=builds.append)[:3] == (None, False, 2)
     assert runs == [False] and sorted(kernel.preloaded) == ["v1", "v2"] and runtime.jit_cache_hook is None
-    assert first_run(fn, (4,)) == (8, True, 0, 0.0) and runs == [False, True]
+    assert builds == [2]  # the progress is told before the build
+    assert first_run(fn, (4,), on_build=builds.append) == (8, True, 0, 0.0) and runs == [False, True]
+    assert builds == [2]  # nothing built, nothing told
+
+    unet = fast.apply(_unet("cpu"), kernels=None)
+    unet._fast_settings = ("cheap", "triton", True)  # as on CUDA with the kernels: GraphCache's warm-up records
+    cache = fast.graphs(unet)
+    cache.on_compile = builds.append
+    kernel.compiled.clear()
+    assert cache.first_call(fn, (5,)) == (None, False) and builds == [2, 2] and cache.compiled["variants"] == 2
+    assert cache.first_call(fn, (5,)) == (10, True) and builds == [2, 2]
 
     def fails_recorded(a):
         if runtime.jit_cache_hook is not None:
@@ -255,11 +266,15 @@ def test_a_second_video_replays_the_kept_graphs(tiny_model_dir):
     layout = planner.plan("A bear walks from the left to the right")
     params = A.GuidanceParams(loss_threshold=-1.0)  # 4 steps × 5 passes
 
+    stages = []
+
     def video(lay):
         info = {}
-        lvd.generate(pipe, lay.prompt, lay, 2, 64, 64, steps=4, guidance=params, info=info, fast=True)
+        lvd.generate(pipe, lay.prompt, lay, 2, 64, 64, steps=4, guidance=params, info=info, fast=True,
+                     on_stage=stages.append)
         return info["latents"]
     first = video(layout)
+    assert any(s.startswith("Triton kernels: ") for s in stages), stages  # the progress names the build
     cache = fast.graphs(pipe.unet)
     cfg, guidance = cache.cfg, cache.guidance
     assert warmed_once(cfg.stats, 4), cfg.stats  # recorded where its kernels were not all the guidance pass's
