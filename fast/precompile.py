@@ -53,9 +53,10 @@ def first_run(fn, args, workers=None, on_build=None):
         import triton
         from triton.runtime.jit import JITFunction
         hook_owner = triton.knobs.runtime
+        able = hasattr(JITFunction, "preload") and hasattr(hook_owner, "jit_cache_hook")
     except (ImportError, AttributeError):
-        return fn(*args), True, 0, 0.0
-    if not hasattr(JITFunction, "preload") or not hasattr(hook_owner, "jit_cache_hook"):
+        able = False
+    if not able:  # this Triton cannot record: the kernels compile at their first launch
         return fn(*args), True, 0, 0.0
     t0, seen = time.perf_counter(), {}
 
