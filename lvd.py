@@ -163,6 +163,8 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     stage(f"denoising: {steps} steps" + (f", LVD guidance on the first {guided}" if guided else ""))
     t = time.perf_counter()
     x0 = run(eps_fn, latents, pipe.schedule, steps, before_step=before_step, callback=on_step)
+    if x0.is_cuda:  # the steps' GPU work, not only their launches (replayed graphs run ahead), ends in their timer
+        torch.cuda.synchronize(x0.device)
     info["denoise_s"], t = time.perf_counter() - t, time.perf_counter()
     info["latents"] = x0
     stage("decoding")
