@@ -13,10 +13,8 @@ was the real one and its result is returned: nothing is done twice. Else its res
 kernels' outputs stay unwritten), and the recorded variants are compiled, or read from the disk cache, by
 `JITFunction.preload` in a pool of threads and loaded onto the GPU. The run's other work was real (the first calls
 of cuDNN and cuBLAS set themselves up), so the graph captures at once, finding the kernels compiled: a call whose
-kernels had to be compiled costs one eager run, as one whose kernels were compiled does.
-(Until b26a330, `fast.compile_kernels` recorded the CFG step and the guidance pass together before the first step
-and dropped both results, also where nothing was recorded: one pass and one step more per video whose graphs were
-new; `results/perf-notes.md`, 2026-12-06 evening.)
+kernels had to be compiled costs one eager run, as one whose kernels were compiled does (a recording pass before
+the first step cost one pass and one step more per video: `results/perf-notes.md`, 2026-12-06).
 
 The compilations overlap; loading a kernel and building its launcher (`_init_handles`) happen one at a time (a
 lock), while the other threads go on compiling. Triton loads each launcher as a C extension module, all of one name
