@@ -271,6 +271,66 @@ def test_safetensors_errors_become_one_line(small, monkeypatch):
     assert str(path) in msg and "tensor proj.weight" in msg and "failed to fill whole buffer" in msg
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the staged GPU load)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("slot_bytes", [None, 256])
+def test_cuda_load_equals_cpu_load(small, monkeypatch, slot_bytes):
+    """The GPU load (mmap -> pinned slots -> GPU) gives the CPU load's values, dtypes and layouts; with 256-byte slots
+    every tensor switches slot, so each waits for the other slot's copies."""
+    path, state = small
+    if slot_bytes:
+        monkeypatch.setattr(ckpt, "_SLOT_BYTES", slot_bytes)
+    for dtype in (None, torch.float16):
+        cpu = load_module(Small, str(path), device="cpu", dtype=dtype).state_dict()
+        m = load_module(Small, str(path), device="cuda", dtype=dtype)
+        gpu = m.state_dict()
+        assert all(gpu[k].is_cuda and gpu[k].dtype == cpu[k].dtype and torch.equal(gpu[k].cpu(), cpu[k]) for k in cpu)
+        assert m.conv.weight.is_contiguous(memory_format=torch.channels_last) and gpu["ids"].dtype == torch.int64
+
+
+@needs_cuda
+def test_cuda_load_of_slot_sized_tensors(tmp_path, monkeypatch):
+    """Eight 8 MiB tensors through two 8 MiB slots: a slot is refilled only after its copy to the GPU is done."""
+    gen = torch.Generator().manual_seed(3)
+    build = lambda: nn.Sequential(*[nn.Linear(2048, 1024, bias=False) for _ in range(8)])
+    state = {f"{i}.weight": torch.randn(1024, 2048, generator=gen) for i in range(8)}
+    save_file(state, tmp_path / "big.safetensors")
+    monkeypatch.setattr(ckpt, "_SLOT_BYTES", 1024 * 2048 * 4)
+    sd = load_module(build, str(tmp_path / "big.safetensors"), device="cuda").state_dict()
+    assert all(torch.equal(sd[k].cpu(), v) for k, v in state.items())
+
+
+@needs_cuda
+def test_cuda_load_small_unet_equals_cpu_load(good):
+    cpu = UNet3D.from_pretrained(str(good), "cpu", torch.float16).state_dict()
+    gpu = UNet3D.from_pretrained(str(good), "cuda", torch.float16).state_dict()
+    assert set(gpu) == set(cpu) and all(torch.equal(gpu[k].cpu(), cpu[k]) for k in cpu)
+
+
+@needs_cuda
+def test_cuda_load_read_error_is_one_line(small, monkeypatch):
+    path, _ = small
+    real_open = ckpt.safe_open
+
+    class Failing(contextlib.nullcontext):
+        def __init__(self, *a, **k):
+            super().__init__()
+            self.inner = real_open(*a, **k)
+
+        def __enter__(self):
+            return self
+
+        def get_tensor(self, key):
+            if key == "proj.weight":
+                raise OSError("Input/output error")
+            return self.inner.get_tensor(key)
+    monkeypatch.setattr(ckpt, "safe_open", Failing)
+    msg = one_line_error(load_module, Small, str(path), device="cuda")
+    assert str(path) in msg and "tensor proj.weight" in msg and "Input/output error" in msg
+
+
 def test_meta_build_skips_initialisers_and_leaves_nothing_behind():
     torch.manual_seed(2)
     init_fns = {n: getattr(nn.init, n) for n in dir(nn.init)}

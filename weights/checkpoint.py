@@ -4,8 +4,7 @@ What to read: `modelscope-architecture.md` §2 (files and sizes), §6–§8 (key
 style guide §4.6 ("loud, accountable loading").
 
 What it reads: `config.json` into a config dataclass, and one `.safetensors` file into a module built
-from that config. Tensor bytes are read by the `safetensors` library (`safe_open` / `get_tensor`),
-straight onto the target device.
+from that config. Tensor bytes are read by the `safetensors` library (`safe_open` / `get_tensor`).
 
 Official implementation: diffusers `ModelMixin.from_pretrained` (modeling_utils.py) and transformers
 `PreTrainedModel.from_pretrained`; both are far more general and far more permissive than this.
@@ -20,12 +19,15 @@ Differences:
   never read, and some meta initialisers (normal_, erfinv_, clamp_) are Python decompositions whose
   first call imports torch._dynamo (~1-2 s of a start-up). Then `load_state_dict(strict=True, assign=True)`.
 - Each tensor keeps the memory format the module was built with (e.g. channels_last convolutions) and
-  is converted to `dtype` (floating tensors only) on the target device, one tensor at a time.
+  is converted to `dtype` (floating tensors only), one tensor at a time.
 - CPU loads use safetensors' `pread` backend where it exists (safetensors >= 0.8): every tensor is read
   into memory of its own, so peak RSS stays near one copy of the file and the module does not depend
   on the file afterwards. Older safetensors memory-maps the file (default backend): tensors that need
   no conversion then stay views of the mapping (zero copy; the file must not be rewritten in place
   while the module lives, which the downloader never does: it renames finished files into place).
+- GPU loads memory-map the file and copy each tensor (a view of the mapping) into one of two pinned
+  slots, converting its dtype on the way, then on to the GPU asynchronously: one slot's transfer runs
+  while the next tensors fill the other (`_staged_to_cuda`). The mapping is closed when the load ends.
 - Renames are one declarative table per model (`rename(key) -> key or None`); None drops a key on
   purpose. Nothing is ever loaded with strict=False.
 """
@@ -45,6 +47,9 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+_SLOT_BYTES = 64 << 20  # each of the two pinned slots of a GPU load (at least the largest tensor)
 
 
 class CheckpointError(Exception):
@@ -252,13 +257,46 @@ def _memory_format(t):
 
 
 def _open(path, device):
-    """safe_open onto `device` ("cpu" or "cuda:N"); on the CPU with the pread backend where it exists."""
-    if device == "cpu":
+    """safe_open for reading on `device`: "cpu" with the pread backend where it exists (tensors in memory of their
+    own), "mmap" for the staged GPU copies (tensors are views of the mapped file: the bytes are read as they are
+    copied), else safetensors straight onto that device."""
+    if device in ("cpu", "mmap"):
         try:
-            return safe_open(path, framework="pt", device=device, backend="pread")
+            return safe_open(path, framework="pt", device="cpu", backend="pread" if device == "cpu" else "mmap")
         except TypeError:  # safetensors < 0.8 has no backend argument: memory map
-            pass
+            return safe_open(path, framework="pt", device="cpu")
     return safe_open(path, framework="pt", device=device)
+
+
+def _staged_to_cuda(path, fh, items, device):
+    """(key, file key, dtype, shape, memory format) items -> (key, tensor on the CUDA `device`), via two pinned slots.
+
+    Each tensor is a view of the memory-mapped file; copying it into a pinned slot reads its bytes (in torch, which
+    converts the dtype on the way and releases the GIL), and the slot goes on to the GPU asynchronously while the
+    next tensors fill the other slot. A copy straight from the mapping (pageable memory) would wait for each transfer.
+    """
+    sizes = [dt.itemsize * torch.Size(shape).numel() for _, _, dt, shape, _ in items]
+    slot_bytes = max([_SLOT_BYTES, *sizes])
+    slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    copied, s, used = [None, None], 0, 0
+    with torch.cuda.device(device):
+        for (key, fkey, dt, shape, fmt), n in zip(items, sizes):
+            if used + n > slot_bytes:  # this slot's copies are queued: fill the other one once its copies are done
+                copied[s] = torch.cuda.Event()
+                copied[s].record()
+                s, used = 1 - s, 0
+                if copied[s] is not None:
+                    copied[s].synchronize()
+            used = -(-used // 256) * 256  # each tensor 256-byte aligned in the slot
+            host = slots[s][used:used + n].view(dt).view(shape)
+            try:
+                host.copy_(fh.get_tensor(fkey))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: cannot read tensor {fkey}: {_one_line(e)}") from None
+            used += n
+            out = torch.empty(shape, dtype=dt, device=device, memory_format=fmt)
+            yield key, out.copy_(host, non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # before the slots are freed
 
 
 def _one_line(e):
@@ -281,20 +319,26 @@ def load_module(build, path, rename=None, device=None, dtype=None):
     meta = module.state_dict()
     entries, _ = read_header(path)  # every check before any weight is allocated
     mapped = _match(path, entries, meta, rename)
-    read_on = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}" \
-        if device.type == "cuda" else "cpu"
+    order = sorted(mapped, key=lambda k: entries[mapped[k]][2][0])  # file order
     state, fkey = {}, None
     try:
-        with _open(path, read_on) as fh:
-            for key in sorted(mapped, key=lambda k: entries[mapped[k]][2][0]):  # file order
-                fkey = mapped[key]
-                t = fh.get_tensor(fkey)
-                fmt = _memory_format(meta[key])
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype, memory_format=fmt)
-                else:
-                    t = t.contiguous(memory_format=fmt)  # no copy unless the module wants another layout
-                state[key] = t.to(device)  # no-op unless read on the CPU for another device type
+        if device.type == "cuda":  # staged through pinned memory (above)
+            with _open(path, "mmap") as fh:
+                want = lambda k: _DTYPES[entries[mapped[k]][0]] if dtype is None or not meta[k].is_floating_point() \
+                    else dtype
+                items = [(k, mapped[k], want(k), entries[mapped[k]][1], _memory_format(meta[k])) for k in order]
+                state = dict(_staged_to_cuda(path, fh, items, device))
+        else:  # read on the CPU (another device type: then moved)
+            with _open(path, "cpu") as fh:
+                for key in order:
+                    fkey = mapped[key]
+                    t = fh.get_tensor(fkey)
+                    fmt = _memory_format(meta[key])
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype, memory_format=fmt)
+                    else:
+                        t = t.contiguous(memory_format=fmt)  # no copy unless the module wants another layout
+                    state[key] = t.to(device)  # no-op on the CPU
     except (SafetensorError, OSError) as e:  # the file, not torch: a device or memory error stays itself
         where = f"tensor {fkey}" if fkey else "the file"
         raise CheckpointError(f"{path}: cannot read {where}: {_one_line(e)}") from None
