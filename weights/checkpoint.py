@@ -281,13 +281,13 @@ def _staged_to_cuda(path, fh, items, device):
     copied, s, used = [None, None], 0, 0
     with torch.cuda.device(device):
         for (key, fkey, dt, shape, fmt), n in zip(items, sizes):
+            used = -(-used // 256) * 256  # each tensor 256-byte aligned in the slot
             if used + n > slot_bytes:  # this slot's copies are queued: fill the other one once its copies are done
                 copied[s] = torch.cuda.Event()
                 copied[s].record()
                 s, used = 1 - s, 0
                 if copied[s] is not None:
                     copied[s].synchronize()
-            used = -(-used // 256) * 256  # each tensor 256-byte aligned in the slot
             host = slots[s][used:used + n].view(dt).view(shape)
             try:
                 host.copy_(fh.get_tensor(fkey))
