@@ -115,9 +115,9 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     on_stage: callable(str) as each stage starts (the CLI's progress lines).
     info:     optional dict filled with what was run (final prompt, added suffixes, guidance history).
     fast:     the fast layer (fast/): the CFG step and the guidance pass replayed from CUDA graphs, fused Triton
-              kernels where Triton runs, channels-last activations; same results up to rounding. None: on for
-              CUDA. False: the reference modules as they are. The graphs are kept on the UNet for the next call
-              (one of the same shape replays at once); `fast.release_graphs(pipe.unet)` frees them.
+              kernels where Triton runs, channels-last activations (UNet and VAE); same results up to rounding.
+              None: on for CUDA. False: the reference modules as they are. The graphs are kept on the UNet for the
+              next call (one of the same shape replays at once); `fast.release_graphs(pipe.unet)` frees them.
     memory:   what the guidance pass keeps for its backward: 'off', 'cheap' or 'full' (fast/memory.py); same
               gradient. None: 'cheap' with `fast`, else 'off' (the reference).
     """
@@ -130,7 +130,7 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     stage = on_stage or (lambda name: None)
     if fast:
         stage("fast layer: CUDA graphs and Triton kernels (compiled on a first run, then cached on disk)")
-    layer = use_fast_layer(pipe.unet, fast, memory)
+    layer = use_fast_layer(pipe, fast, memory)
     graphs = layer.graphs(pipe.unet) if fast else None  # kept for the next call; one memory pool
     if fast:  # a graph's first call builds the Triton kernels it lacks (fast/precompile.py)
         graphs.on_compile = lambda n: stage(f"Triton kernels: {n} variants, compiled in parallel on a machine's "
@@ -179,17 +179,23 @@ def generate(pipe, prompt, layout=None, frames=16, height=256, width=256, steps=
     return frames_u8
 
 
-def use_fast_layer(unet, fast, memory=None):
-    """Plug the fast layer into `unet` (fast.apply) or take it out, as `generate`'s `fast` and `memory` say.
-    -> the fast package, or None where the reference runs as it is (then the fast layer is not even imported)."""
+def use_fast_layer(pipe, fast, memory=None):
+    """Plug the fast layer into the pipeline's UNet (fast.apply) and VAE decoder (fast.apply_vae), or take it out,
+    as `generate`'s `fast` and `memory` say. -> the fast package, or None where the reference runs as it is (then the
+    fast layer is not even imported)."""
     memory = ("cheap" if fast else "off") if memory is None else memory
     if not fast and memory in ("off", False):
-        if type(unet) is not UNet3D:  # the fast layer was applied by an earlier call
-            import fast as layer
-            layer.remove(unet)
+        for model, reference in ((pipe.unet, UNet3D), (pipe.vae, VAEDecoder)):
+            if type(model) is not reference:  # the fast layer was applied by an earlier call
+                import fast as layer
+                layer.remove(model)
         return None
     import fast as layer
-    layer.apply(unet, memory=memory, kernels="auto" if fast else None, channels_last=bool(fast))
+    layer.apply(pipe.unet, memory=memory, kernels="auto" if fast else None, channels_last=bool(fast))
+    if fast:
+        layer.apply_vae(pipe.vae)
+    elif type(pipe.vae) is not VAEDecoder:
+        layer.remove(pipe.vae)
     return layer
 
 

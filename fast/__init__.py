@@ -3,6 +3,7 @@
     unet = UNet3D.from_pretrained(...)       # the reference (unet3d.py): plain PyTorch, reads like the paper
     fast.apply(unet, memory="cheap")         # swap in the fast forwards; same parameters, same keys
     fast.remove(unet)                        # back to the reference
+    fast.apply_vae(vae)                      # the VAE decoder: channels-last activations (fast/decoder.py)
 
 What to read: results/perf-notes.md (what each piece gave, measured); each module's docstring.
 
@@ -19,7 +20,7 @@ The parts, each usable alone:
   adds, the temporal attention on in-place tokens, as Triton kernels ('auto': where `fused.available()`), or
   their math in PyTorch ('torch', the kernels' reference), or None.
 - `channels_last`: the activations channels-last ((b f) h w c in memory), so cuDNN and the token reshapes need
-  no transposes.
+  no transposes. `apply_vae` does the same for the VAE decoder (vae.py).
 - precompile.py: a graph's first (eager) call compiles its Triton kernels in parallel threads, not one by one.
 - CUDA graphs (graphs.py): `Graphed` replays the CFG step; `graph_guidance` replays the guidance pass;
   `graphs(model)` keeps both for the model across `generate` calls, `release_graphs(model)` frees them.
@@ -29,7 +30,8 @@ import torch.nn as nn
 
 import unet3d
 import unet_transformers
-from fast import fused, memory as mem, transformers, unet
+import vae
+from fast import decoder, fused, memory as mem, transformers, unet
 from fast.graphs import (GraphCache, Graphed, cudnn_benchmark, graph_guidance,  # noqa: F401 (the public names)
                          graph_pool)
 
@@ -43,6 +45,7 @@ SWAPS = {
     unet_transformers.Attention: transformers.Attention, unet_transformers.GEGLU: transformers.GEGLU,
     unet_transformers.FeedForward: transformers.FeedForward,
     nn.Conv2d: mem.Conv2d, nn.Conv3d: mem.Conv3d, nn.GroupNorm: mem.GroupNorm, nn.LayerNorm: fused.LayerNorm,
+    vae.VAEDecoder: decoder.VAEDecoder,
 }
 REFERENCE = {v: k for k, v in SWAPS.items()}
 _STATE = ("fused", "memory", "_temb_bias", "_joined_weights", "_carried_biases", "_out_bias", "_graphs",
@@ -80,6 +83,16 @@ def apply(model, memory="cheap", kernels="auto", channels_last=True):
     return model
 
 
+def apply_vae(model):
+    """Swap the fast forwards into the reference vae.VAEDecoder `model` in place: channels-last convolutions and
+    GroupNorms throughout (fast/decoder.py); no fused kernels, no graphs. `remove(model)` undoes it. -> model"""
+    if not isinstance(model, vae.VAEDecoder):
+        raise TypeError(f"fast.apply_vae: expected a vae.VAEDecoder, got {type(model).__name__}")
+    swap(model)
+    _conv_layout(model, True)
+    return model
+
+
 def swap(module, kernels=None):
     """The fast class for `module` and each of its submodules that has one, with `kernels` (a fused.Kernels or
     None) on those that take them; parameters untouched. -> module"""
@@ -93,7 +106,8 @@ def swap(module, kernels=None):
 
 
 def remove(model):
-    """Undo `apply`: the reference classes, NCHW weights, nothing of the fast layer left on the modules. -> model"""
+    """Undo `apply` (or `apply_vae`): the reference classes, NCHW weights, nothing of the fast layer left on the
+    modules. -> model"""
     release_graphs(model)
     for m in model.modules():
         if type(m) in REFERENCE:

@@ -11,6 +11,7 @@ insides of convolutions).
 Glossary: b (batch), f (frames), c (channels), h, w (latent height, width), G (groups).
 """
 import collections
+import copy
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention as A
 import fast
+import lvd
 from fast.memory import Conv2d, Conv3d, GroupNorm, batch_to_frames, frames_to_batch, group_norm, memory_format
 from unet3d import UNet3D, UNet3DConfig
+from vae import VAEConfig, VAEDecoder
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 TINY = dict(block_out_channels=(64, 64, 128, 128), cross_attention_dim=32)
@@ -278,3 +281,55 @@ def test_fused_temporal_transformers_keep_their_tokens_in_place(unet):
     assert "TransformerTemporalModel" not in ops.copies and ops.copies["UNet3D"] == 5, ops.copies
     # fp32, the fused norms round differently: measured 1.6e-6 (CPU); 1e-5 = 6x
     assert float((ys[1] - ys[0]).norm() / ys[0].norm()) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# the VAE decoder (fast/decoder.py, fast.apply_vae)
+
+VAE_TINY = dict(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1)
+
+
+def _vae(dtype):
+    torch.manual_seed(0)
+    vae = VAEDecoder(VAEConfig(**VAE_TINY)).to(dtype).eval().requires_grad_(False)
+    for m in vae.modules():  # GroupNorms with non-trivial affine parameters
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    return vae
+
+
+@pytest.mark.parametrize("dtype, bound", [
+    (torch.float32, 1e-5),  # 8.1e-7 to 8.8e-7 over 5 inputs on the 2-core CPU (the NHWC convolutions' summation order)
+    (torch.float64, 1e-10),  # 0 there; the issue's float64 bound
+])
+def test_fast_vae_equals_the_reference_and_remove_restores_it(dtype, bound):
+    ref = _vae(dtype)
+    z = torch.randn(1, 4, 3, 9, 10, dtype=dtype)  # b c f h w, odd sizes
+    want = ref.decode_video(z, slice_size=2)
+    vae = fast.apply_vae(copy.deepcopy(ref))
+    assert type(vae) is fast.decoder.VAEDecoder and type(vae.decoder.conv_norm_out) is GroupNorm
+    assert rel_err(vae.decode_video(z, slice_size=2), want) <= bound
+    fast.remove(vae)
+    assert type(vae) is VAEDecoder and all(type(m) in (type(r),) for m, r in zip(vae.modules(), ref.modules()))
+    assert all(p.is_contiguous() for p in vae.parameters())
+    assert torch.equal(vae.decode_video(z, slice_size=2), want)
+
+
+def test_fast_vae_activations_are_channels_last():
+    vae, seen = fast.apply_vae(_vae(torch.float32)), []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, i[0].is_contiguous(
+        memory_format=CL), o.is_contiguous(memory_format=CL)))) for m in vae.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    vae.decode_video(torch.randn(1, 4, 2, 8, 8), slice_size=1)
+    for h in hooks:
+        h.remove()
+    assert len(seen) > 20 and all(i and o for _, i, o in seen), [s for s in seen if not all(s[1:])]
+
+
+def test_generate_plugs_the_fast_vae_in_and_out(tiny_model_dir):
+    pipe = lvd.load_pipeline(tiny_model_dir)
+    assert lvd.use_fast_layer(pipe, True) is fast and type(pipe.vae) is fast.decoder.VAEDecoder
+    lvd.use_fast_layer(pipe, False, memory="cheap")  # the memory modes alone: the reference VAE
+    assert type(pipe.vae) is VAEDecoder and type(pipe.unet) is not UNet3D
+    assert lvd.use_fast_layer(pipe, False) is None and type(pipe.vae) is VAEDecoder and type(pipe.unet) is UNet3D
+    assert all(p.is_contiguous() for p in pipe.vae.parameters())
