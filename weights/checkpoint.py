@@ -309,9 +309,9 @@ def load_module(build, path, rename=None, device=None, dtype=None):
 
     build: a zero-argument callable returning the nn.Module (called under `_meta_build`: meta device,
     initialisers skipped). rename: callable mapping a file key to a module key, or None to drop it on purpose.
-    Tensors are read straight onto `device` (cpu or cuda; another device type reads on the CPU and moves);
-    floating tensors are converted to `dtype` there, tensor by tensor. Returns the module in eval mode with
-    requires_grad off.
+    Tensors are read on the CPU, tensor by tensor, and go to a CUDA `device` through pinned slots
+    (`_staged_to_cuda`) or to another device type directly; floating tensors are converted to `dtype` on the
+    way. Returns the module in eval mode with requires_grad off.
     """
     device = torch.device(device or "cpu")
     with _meta_build():
