@@ -256,16 +256,13 @@ def _memory_format(t):
     return torch.contiguous_format
 
 
-def _open(path, device):
-    """safe_open for reading on `device`: "cpu" with the pread backend where it exists (tensors in memory of their
-    own), "mmap" for the staged GPU copies (tensors are views of the mapped file: the bytes are read as they are
-    copied), else safetensors straight onto that device."""
-    if device in ("cpu", "mmap"):
-        try:
-            return safe_open(path, framework="pt", device="cpu", backend="pread" if device == "cpu" else "mmap")
-        except TypeError:  # safetensors < 0.8 has no backend argument: memory map
-            return safe_open(path, framework="pt", device="cpu")
-    return safe_open(path, framework="pt", device=device)
+def _open(path, backend):
+    """safe_open on the CPU with `backend`: "pread" (tensors in memory of their own) or "mmap" (tensors are views of
+    the mapped file, read as they are copied: the staged GPU load). safetensors < 0.8 has only the memory map."""
+    try:
+        return safe_open(path, framework="pt", device="cpu", backend=backend)
+    except TypeError:  # no backend argument
+        return safe_open(path, framework="pt", device="cpu")
 
 
 def _staged_to_cuda(path, fh, items, device):
@@ -329,7 +326,7 @@ def load_module(build, path, rename=None, device=None, dtype=None):
                 items = [(k, mapped[k], want(k), entries[mapped[k]][1], _memory_format(meta[k])) for k in order]
                 state = dict(_staged_to_cuda(path, fh, items, device))
         else:  # read on the CPU (another device type: then moved)
-            with _open(path, "cpu") as fh:
+            with _open(path, "pread") as fh:
                 for key in order:
                     fkey = mapped[key]
                     t = fh.get_tensor(fkey)
