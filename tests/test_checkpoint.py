@@ -243,18 +243,12 @@ def test_loader_rename_collision(small):
     assert str(path) in msg and "proj.bias" in msg and "proj.weight" in msg and "both map to" in msg
 
 
-def test_safetensors_errors_become_one_line(small, monkeypatch):
-    """A file our header check accepts but safetensors rejects, and a read that fails: no traceback."""
-    path, _ = small
-    data = path.read_bytes()
-    path.write_bytes(data + b"trailing")  # safetensors: "incomplete metadata, file not fully covered"
-    read_header(str(path))  # passes our check
-    msg = one_line_error(load_module, Small, str(path))
-    assert str(path) in msg and "SafetensorError" in msg
-    path.write_bytes(data)
+def failing_read_of_proj_weight(monkeypatch, error):
+    """Make safe_open's reads of proj.weight raise `error` (a read that fails part-way: the file changed on disk, an
+    I/O error); every other tensor reads as it is."""
     real_open = ckpt.safe_open
 
-    class Failing(contextlib.nullcontext):  # a read that fails part-way (file changed on disk, I/O error)
+    class Failing(contextlib.nullcontext):
         def __init__(self, *a, **k):
             super().__init__()
             self.inner = real_open(*a, **k)
@@ -264,9 +258,22 @@ def test_safetensors_errors_become_one_line(small, monkeypatch):
 
         def get_tensor(self, key):
             if key == "proj.weight":
-                raise SafetensorError("Error while reading: failed to fill whole buffer\nsecond line")
+                raise error
             return self.inner.get_tensor(key)
     monkeypatch.setattr(ckpt, "safe_open", Failing)
+
+
+def test_safetensors_errors_become_one_line(small, monkeypatch):
+    """A file our header check accepts but safetensors rejects, and a read that fails: no traceback."""
+    path, _ = small
+    data = path.read_bytes()
+    path.write_bytes(data + b"trailing")  # safetensors: "incomplete metadata, file not fully covered"
+    read_header(str(path))  # passes our check
+    msg = one_line_error(load_module, Small, str(path))
+    assert str(path) in msg and "SafetensorError" in msg
+    path.write_bytes(data)
+    failing_read_of_proj_weight(monkeypatch, SafetensorError("Error while reading: failed to fill whole buffer\n"
+                                                                "second line"))
     msg = one_line_error(load_module, Small, str(path))
     assert str(path) in msg and "tensor proj.weight" in msg and "failed to fill whole buffer" in msg
 
@@ -312,21 +319,7 @@ def test_cuda_load_small_unet_equals_cpu_load(good):
 @needs_cuda
 def test_cuda_load_read_error_is_one_line(small, monkeypatch):
     path, _ = small
-    real_open = ckpt.safe_open
-
-    class Failing(contextlib.nullcontext):
-        def __init__(self, *a, **k):
-            super().__init__()
-            self.inner = real_open(*a, **k)
-
-        def __enter__(self):
-            return self
-
-        def get_tensor(self, key):
-            if key == "proj.weight":
-                raise OSError("Input/output error")
-            return self.inner.get_tensor(key)
-    monkeypatch.setattr(ckpt, "safe_open", Failing)
+    failing_read_of_proj_weight(monkeypatch, OSError("Input/output error"))
     msg = one_line_error(load_module, Small, str(path), device="cuda")
     assert str(path) in msg and "tensor proj.weight" in msg and "Input/output error" in msg
 
