@@ -24,6 +24,7 @@ Official implementation: none (the official code is a script run the same way: g
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -47,8 +48,11 @@ def run(argv, env=None):
     m = re.search(r"lvd: wrote .*\((.*)\)\s*$", p.stdout)
     stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))} if m else {}
     later = {int(i): float(v) for i, v in re.findall(r"\b(\d+)/\d+\s+([\d.]+) s/step", p.stderr) if int(i) > 1}
-    if later and "denoise" in stages:  # the progress bar times each step; a stage line inside step 1 restarts its clock
-        stages["first"] = max(stages["denoise"] - sum(later.values()), 0.0)
+    folder = re.search(r"lvd: wrote (.*?)  \(", p.stdout)
+    if later and folder:  # the progress bar times each step; a stage line inside step 1 restarts its clock
+        with open(os.path.join(ROOT, folder.group(1), "run.json")) as f:  # the unrounded stage times
+            denoise = json.load(f)["timings_s"]["denoise_s"]
+        stages["first"] = max(denoise - sum(later.values()), 0.0)
     return wall, stages
 
 

@@ -61,7 +61,7 @@ def test_bench_cli_smoke(tmp_path):
     for r in rows:  # plan, load, denoise, its first step, decode, save, the rest
         wall, (plan, load, denoise, first, decode, save) = float(r[2]), [float(v) for v in r[3:9]]
         assert wall > 0 and load > 0 and denoise > 0 and plan + load + denoise + decode + save <= wall, r
-        assert 0 < first <= denoise, r  # denoise less steps 2.. as the progress bar times them
+        assert 0 < first <= denoise + 0.05, r  # denoise (run.json's, unrounded) less steps 2.. as the bar times them
     assert "`python lvd.py --help`:" in out.read_text()
 
 
