@@ -45,14 +45,14 @@ def run(argv, env=None):
     wall = time.perf_counter() - t
     if p.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr[-1500:]}")
-    m = re.search(r"lvd: wrote .*\((.*)\)\s*$", p.stdout)
-    stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))} if m else {}
-    later = {int(i): float(v) for i, v in re.findall(r"\b(\d+)/\d+\s+([\d.]+) s/step", p.stderr) if int(i) > 1}
-    folder = re.search(r"lvd: wrote (.*?)  \(", p.stdout)
-    if later and folder:  # the progress bar times each step; a stage line inside step 1 restarts its clock
-        with open(os.path.join(ROOT, folder.group(1), "run.json")) as f:  # the unrounded stage times
-            denoise = json.load(f)["timings_s"]["denoise_s"]
-        stages["first"] = max(denoise - sum(later.values()), 0.0)
+    m = re.search(r"lvd: wrote (.*?)  \((.*)\)\s*$", p.stdout)  # the run folder, then the stage times
+    if not m:
+        return wall, {}
+    stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(2))}
+    later = [float(v) for i, v in re.findall(r"\b(\d+)/\d+\s+([\d.]+) s/step", p.stderr) if int(i) > 1]
+    if later:  # the progress bar times each step; a stage line inside step 1 restarts its clock
+        with open(os.path.join(ROOT, m.group(1), "run.json")) as f:  # the unrounded stage times
+            stages["first"] = max(json.load(f)["timings_s"]["denoise_s"] - sum(later), 0.0)
     return wall, stages
 
 
