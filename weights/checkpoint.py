@@ -317,25 +317,17 @@ def load_module(build, path, rename=None, device=None, dtype=None):
     entries, _ = read_header(path)  # every check before any weight is allocated
     mapped = _match(path, entries, meta, rename)
     order = sorted(mapped, key=lambda k: entries[mapped[k]][2][0])  # file order
+    want = lambda k: dtype if dtype is not None and meta[k].is_floating_point() else _DTYPES[entries[mapped[k]][0]]
+    items = [(k, mapped[k], want(k), entries[mapped[k]][1], _memory_format(meta[k])) for k in order]
     state, fkey = {}, None
     try:
         if device.type == "cuda":  # staged through pinned memory (above)
             with _open(path, "mmap") as fh:
-                want = lambda k: _DTYPES[entries[mapped[k]][0]] if dtype is None or not meta[k].is_floating_point() \
-                    else dtype
-                items = [(k, mapped[k], want(k), entries[mapped[k]][1], _memory_format(meta[k])) for k in order]
                 state = dict(_staged_to_cuda(path, fh, items, device))
         else:  # read on the CPU (another device type: then moved)
             with _open(path, "pread") as fh:
-                for key in order:
-                    fkey = mapped[key]
-                    t = fh.get_tensor(fkey)
-                    fmt = _memory_format(meta[key])
-                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                        t = t.to(dtype, memory_format=fmt)
-                    else:
-                        t = t.contiguous(memory_format=fmt)  # no copy unless the module wants another layout
-                    state[key] = t.to(device)  # no-op on the CPU
+                for key, fkey, dt, _, fmt in items:  # no copy where dtype and layout are already the module's
+                    state[key] = fh.get_tensor(fkey).to(dt, memory_format=fmt).to(device)
     except (SafetensorError, OSError) as e:  # the file, not torch: a device or memory error stays itself
         where = f"tensor {fkey}" if fkey else "the file"
         raise CheckpointError(f"{path}: cannot read {where}: {_one_line(e)}") from None
