@@ -153,12 +153,13 @@ class GraphCache:
 
     def first_call(self, fn, args):
         """A graph's eager warm-up: where the model runs Triton kernels, the variants `fn` launches that this
-        process lacks are compiled in parallel threads (precompile.first_run). -> (fn(*args) or None, whether the
-        result is real: not where kernels were compiled)."""
+        process lacks are compiled in parallel threads (precompile.first_run), unless a marker says that an earlier
+        run built them: then fn runs as it is. -> (fn(*args) or None, whether the result is real: not where kernels
+        were compiled)."""
         if getattr(self.unet, "_fast_settings", (None,) * 3)[1] != "triton":
             return fn(*args), True
-        from fast.precompile import first_run
-        out, real, n, seconds = first_run(fn, args, on_build=self.on_compile)
+        from fast.precompile import first_run, run_key
+        out, real, n, seconds = first_run(fn, args, on_build=self.on_compile, key=run_key(self.unet, fn, args))
         self.compiled["variants"] += n
         self.compiled["seconds"] += seconds
         return out, real

@@ -40,6 +40,14 @@ def _seed_rngs():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _own_kernel_markers(tmp_path, monkeypatch):
+    """The markers that say an earlier run built a call's Triton kernels (fast/precompile.py) go to the test's own
+    folder: no test finds one that another test, or an earlier session on the machine, left behind."""
+    monkeypatch.setenv("LVD_KERNEL_MARKERS", str(tmp_path / "lvd-built"))
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes

@@ -5,6 +5,7 @@ none and skips them (they are not counted as run there); they run on the device 
 (README: the GPU test command). The CPU tests check the fallback and
 that nothing in the guidance pass needs a host value (the condition for capturing it).
 """
+import os
 import sys
 import types
 
@@ -105,11 +106,9 @@ class FakeKernel:
         return True
 
 
-def test_first_run_keeps_its_result_only_where_nothing_was_left_to_compile(monkeypatch):
-    """The warm-up protocol (precompile.first_run) on a fake Triton: uncompiled variants are recorded and skipped,
-    then compiled in threads, and the result is dropped; with all compiled, one run and its result; a call that
-    fails while recording runs again plainly; the hook is put back each time."""
-    from fast.precompile import first_run
+def fake_triton(monkeypatch):
+    """Triton as precompile sees it (the hook's owner, JITFunction with `preload`), in sys.modules for the test.
+    -> the runtime knobs (jit_cache_hook)"""
     runtime = types.SimpleNamespace(jit_cache_hook=None)
     jit = types.ModuleType("triton.runtime.jit")
     jit.JITFunction = FakeKernel
@@ -119,6 +118,64 @@ def test_first_run_keeps_its_result_only_where_nothing_was_left_to_compile(monke
     for name, module in (("triton", triton), ("triton.runtime", triton.runtime), ("triton.runtime.jit", jit)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA initialisation beside a fake Triton
+    return runtime
+
+
+def test_a_marker_skips_the_recording_where_an_earlier_run_built_the_kernels(monkeypatch, tmp_path):
+    """first_run with a key: a first call records, builds and leaves the key's marker; a later call of that key in
+    a process that has compiled nothing runs fn as it is (no hook set, its result real); another key records again;
+    a build that fails leaves no marker. Markers lie in Triton's cache folder unless LVD_KERNEL_MARKERS is set."""
+    from fast.precompile import first_run, marker_path
+    runtime, hooked = fake_triton(monkeypatch), []
+    kernel = FakeKernel(runtime)
+
+    def fn(a):
+        hooked.append(runtime.jit_cache_hook is not None)
+        ran = [kernel.launch(spec) for spec in ("v1", "v2")]
+        return a * 2 if all(ran) else "unwritten"
+    key, other = ("cfg", ((1, 4, 2, 8, 8),)), ("cfg", ((1, 4, 3, 8, 8),))
+    assert not os.path.exists(marker_path(key))
+    assert first_run(fn, (3,), key=key)[:3] == (None, False, 2) and os.path.exists(marker_path(key))
+    kernel.compiled.clear()  # a new process
+    assert first_run(fn, (3,), key=key) == (6, True, 0, 0.0) and hooked == [True, False]
+    assert kernel.compiled == {"v1", "v2"}  # compiled at their first launch
+    kernel.compiled.clear()
+    assert first_run(fn, (3,), key=other)[:3] == (None, False, 2) and hooked[-1]
+    broken, third = FakeKernel(runtime), ("cfg", ((1, 4, 4, 8, 8),))
+    broken.preload = lambda spec: 1 / 0
+    assert first_run(lambda a: broken.launch("v3") and a, (1,), key=third)[:3] == (None, False, 1)
+    assert not os.path.exists(marker_path(third))
+    assert marker_path(key).startswith(str(tmp_path))  # conftest: this test's own folder
+    monkeypatch.delenv("LVD_KERNEL_MARKERS")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert marker_path(key).startswith(os.path.join(str(tmp_path / "triton"), "lvd-built", ""))
+
+
+def test_the_marker_key_names_the_call_its_shapes_and_the_settings():
+    """precompile.run_key: equal for the same call on inputs of the same shapes, different for another shape,
+    another call or other fast settings."""
+    from fast.precompile import run_key
+    unet = fast.apply(_unet("cpu"), kernels=None)
+    x, y = torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 4, 3, 8, 8)
+
+    def cfg(x):
+        return x
+
+    def other(x):
+        return x
+    key = run_key(unet, cfg, (x,))
+    assert run_key(unet, cfg, (x.clone(),)) == key and run_key(unet, cfg, (y,)) != key
+    assert run_key(unet, other, (x,)) != key
+    fast.apply(unet, memory="full", kernels=None)
+    assert run_key(unet, cfg, (x,)) != key
+
+
+def test_first_run_keeps_its_result_only_where_nothing_was_left_to_compile(monkeypatch):
+    """The warm-up protocol (precompile.first_run) on a fake Triton: uncompiled variants are recorded and skipped,
+    then compiled in threads, and the result is dropped; with all compiled, one run and its result; a call that
+    fails while recording runs again plainly; the hook is put back each time."""
+    from fast.precompile import first_run
+    runtime = fake_triton(monkeypatch)
     kernel, runs = FakeKernel(runtime), []
 
     def fn(a):
@@ -300,7 +357,8 @@ def test_first_run_compiles_the_kernels_then_runs_once_where_they_are():
     """precompile.first_run (a GraphCache graph's warm-up) on the CFG step and the guidance pass: with none of
     the kernels compiled in this process, it records their variants without running them, compiles them in
     threads and drops the result; then it records nothing and its one run is real. A Graphed whose warm-up
-    dropped its result captures at once. All results are what first launches give."""
+    dropped its result captures at once. With a key, a build leaves a marker, and the next first run of that key
+    in a process that has compiled nothing runs at once. All results are what first launches give."""
     import triton
     from fast import kernels, kernels_attention, kernels_rows
     from fast.precompile import first_run
@@ -329,10 +387,16 @@ def test_first_run_compiles_the_kernels_then_runs_once_where_they_are():
     graphed = fast.Graphed(lambda x: run(unet, guide, x), first=lambda fn, args: first_run(fn, args)[:2])
     y2, g2 = graphed(x)
     assert graphed.stats == {"eager": 0, "recorded": 1, "captured": 1, "replayed": 1}
+    key = ("both", tuple(x.shape))
+    forget_kernels()
+    assert first_run(lambda x: run(unet, guide, x), (x,), key=key)[:2] == (None, False)  # built: the marker
+    forget_kernels()  # as in a new process: the marker says the disk cache holds them
+    (y3, g3), real, n3, _ = first_run(lambda x: run(unet, guide, x), (x,), key=key)
+    assert (real, n3) == (True, 0)
     forget_kernels()
     other = fast.apply(_unet("cuda"), kernels="triton")  # the same weights, compiled at first launch
     y0, g0 = run(other, _guide(other, text[1:], False), x)
-    for a, b in ((y1, y0), (y2, y0)):
+    for a, b in ((y1, y0), (y2, y0), (y3, y0)):
         assert rel(a, b) <= 1e-6, rel(a, b)
-    for a, b in ((g1, g0), (g2, g0)):
+    for a, b in ((g1, g0), (g2, g0), (g3, g0)):
         assert rel(a, b) <= 1e-5, rel(a, b)  # atomics in some backward kernels
