@@ -29,8 +29,8 @@ first launch, as without it.
 Where an earlier run built them (`key`): the recording pass costs more than it saves once the variants are in the
 disk cache. Each skipped launch still goes through Triton's launch path and the hook (about 1,200 of them in a
 256×256×16 guidance pass), and the run's other work is done and dropped. On an H100 (2026-12-07, 256×256×16, the
-kernel cache filled, runs alternated) the CLI took 6.8–7.2 s with plain eager warm-ups against 7.7–8.6 s with the
-recording pass. So `first_run` records only where no marker says that a run of the same key (the call, its input
+kernel cache filled, runs alternated; results/perf-notes.md) `generate` took 3.5–3.8 s with plain eager warm-ups
+against 3.9–4.4 s with the recording pass. So `first_run` records only where no marker says that a run of the same key (the call, its input
 shapes, the fast settings, the model config, the GPU, torch, Triton and the kernels' sources) built its variants.
 A marker is a small file in Triton's cache folder, `lvd-built/`. It goes where that folder goes, so a fresh cache is
 recorded again. Where a marker outlives some of the kernels, those kernels compile at their first launch.
