@@ -8,9 +8,9 @@ from pathlib import Path
 import bench
 
 
-def bench_cli_script():
-    """scripts/bench_cli.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_cli", Path(bench.__file__).parent / "scripts" / "bench_cli.py")
+def bench_cli_script(name="bench_cli"):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(bench.__file__).parent / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -63,6 +63,18 @@ def test_bench_cli_smoke(tmp_path):
         assert wall > 0 and load > 0 and denoise > 0 and plan + load + denoise + decode + save <= wall, r
         assert 0 < first <= denoise + 0.05, r  # denoise (run.json's, unrounded) less steps 2.. as the bar times them
     assert "`python lvd.py --help`:" in out.read_text()
+
+
+def test_bench_notebook_smoke(tmp_path, one_thread):
+    """scripts/bench_notebook.py --smoke loads once and times each generate call (tiny model, CPU: no GPU column)."""
+    script = bench_cli_script("bench_notebook")
+    out = tmp_path / "nb.md"
+    assert script.main(["--smoke", "--calls", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0][:2] == ["call", "wall s"] and [r[0] for r in rows[2:]] == ["1 (first: set-up)", "2", "3 (profiled)"]
+    assert all(float(r[1]) > 0 for r in rows[2:])
+    assert "`load_pipeline` once (" in text and "64×64×2 video (2 steps) 3 times" in text
 
 
 def test_bench_cli_reads_torch_bytecode_only_where_python_would_use_it(tmp_path):
