@@ -30,10 +30,11 @@ Where an earlier run built them (`key`): the recording pass costs more than it s
 disk cache. Each skipped launch still goes through Triton's launch path and the hook (about 1,200 of them in a
 256×256×16 guidance pass), and the run's other work is done and dropped. On an H100 (2026-12-07, 256×256×16, the
 kernel cache filled, runs alternated; results/perf-notes.md) `generate` took 3.5–3.8 s with plain eager warm-ups
-against 3.9–4.4 s with the recording pass. So `first_run` records only where no marker says that a run of the same key (the call, its input
-shapes, the fast settings, the model config, the GPU, torch, Triton and the kernels' sources) built its variants.
-A marker is a small file in Triton's cache folder, `lvd-built/`. It goes where that folder goes, so a fresh cache is
-recorded again. Where a marker outlives some of the kernels, those kernels compile at their first launch.
+against 3.9–4.4 s with the recording pass. So `first_run` records only where no marker says that a run of the
+same key (the call, its input shapes, the fast settings, the model config, the GPU, torch, Triton and the
+kernels' sources) built its variants. A marker is a small file in Triton's cache folder, `lvd-built/`. It goes
+where that folder goes, so a fresh cache is recorded again. Where a marker outlives some of the kernels, those
+kernels compile at their first launch.
 
 Official implementation: none. Same results: it only fills the caches the first launch would fill
 (tests/test_graphs.py).

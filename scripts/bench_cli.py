@@ -9,8 +9,9 @@ empty Triton kernel cache (a fresh TRITON_CACHE_DIR: the first run on a machine)
 `--no-fast`, `--guidance off`; and `python lvd.py --help` against `python -c "import torch"`. Columns: the wall time
 and the stages the CLI reports on its last line (plan, load, denoise, decode, save); "of it, first step" is denoise
 less the later steps as the progress bar times them: the first step with the first calls' set-up (cuDNN and cuBLAS,
-the Triton kernels compiled or loaded, the guidance graph's capture; the CFG graph's is in step 2); "the rest" is the wall time less the stages
-(interpreter start, imports, CUDA set-up, the text encoder). The table names its date, GPU and commit.
+the Triton kernels compiled or loaded, the guidance graph's capture; the CFG graph's is in step 2); "the rest" is
+the wall time less the stages (interpreter start, imports, CUDA set-up, the text encoder). The table names its
+date, GPU and commit.
 
 Python's bytecode: `pip install` writes torch's compiled modules (.pyc) beside its sources, and every run then reads
 them. Some images ship without them, or with stale ones, and write none (PYTHONDONTWRITEBYTECODE, a read-only
